@@ -1,0 +1,109 @@
+"""Backends: one module per framework, behind the small ``Backend`` protocol.
+
+A backend imports the core (``mlxtune``), never another backend. The core imports a backend
+only through :func:`load_backend`, lazily, so ``mlxtune --help`` needs no framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from mlxtune.errors import MlxtuneError
+
+if TYPE_CHECKING:
+    from mlxtune.recipe import Recipe
+
+# name -> (module, class, pip extra)
+BACKENDS = {
+    "torch": ("backends.torch_peft", "TorchBackend", "torch"),
+    "mlx": ("backends.apple_mlx", "MLXBackend", "mlx"),
+}
+
+
+class Backend(Protocol):
+    """What the core's loop needs from a framework.
+
+    Arrays cross the boundary as numpy: ``tokens`` int32[B, T] right-padded, masks bool[B, T]
+    where ``mask[b, t]`` means "token t is a target, predicted from tokens[:t]". The shift for
+    next-token prediction happens inside the backend's loss, nowhere else. Losses come back as
+    sums over target tokens so the core can weight by tokens across batches.
+
+    Adapter weights cross as a dict keyed ``"<module path>.lora_A"`` (rank, in) and
+    ``"<module path>.lora_B"`` (out, rank), the module path as in the Hugging Face model
+    (``model.layers.0.self_attn.q_proj``).
+    """
+
+    name: str
+
+    def load(self, model_dir: Path, recipe: Recipe, layers: list[int]) -> None:
+        """Load the base model and tokenizer-independent weights, and add the recipe's adapter
+        to ``recipe.adapter.target_modules`` in the blocks ``layers``."""
+
+    def adapter_shapes(self) -> dict[str, tuple[int, int]]:
+        """Module path -> (in_features, out_features) of every adapted linear layer."""
+
+    def set_adapter_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+
+    def get_adapter_weights(self) -> dict[str, np.ndarray]: ...
+
+    def trainable_parameters(self) -> int: ...
+
+    def setup_optimizer(self, recipe: Recipe) -> None:
+        """AdamW with bias correction and decoupled weight decay over the adapter only."""
+
+    def train_step(self, tokens: np.ndarray, mask: np.ndarray, denom: int, update: bool, lr: float) -> float:
+        """Forward + backward of sum(NLL over mask) / denom, accumulating gradients.
+
+        With ``update``: clip the global grad norm (recipe's grad_clip), take one AdamW step at
+        learning rate ``lr``, zero the gradients. Returns the NLL sum (not divided)."""
+
+    def eval_step(self, tokens: np.ndarray, masks: dict[str, np.ndarray], adapter: bool = True) -> dict[str, float]:
+        """One forward pass without gradients; NLL sum under each mask. ``adapter=False`` scores
+        the base model."""
+
+    def save_adapter(self, path: Path) -> None:
+        """Write the adapter in the framework's own format into the (new, empty) folder ``path``."""
+
+    def load_adapter(self, path: Path) -> None: ...
+
+    def save_optimizer(self, path: Path) -> None:
+        """Write the optimizer state as the single file ``path`` (safetensors or a tensor-only file)."""
+
+    def load_optimizer(self, path: Path) -> None: ...
+
+    def peak_memory(self) -> int:
+        """Peak memory in bytes since load (see the backend's docstring for what is measured)."""
+
+    def describe(self) -> dict[str, str]:
+        """Device, dtype and framework versions, for the run's report."""
+
+
+def default_backend() -> str:
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mlx"
+    return "torch"
+
+
+def load_backend(name: str) -> Backend:
+    """Instantiate a backend by name ('auto' picks by platform)."""
+    if name == "auto":
+        name = default_backend()
+    if name not in BACKENDS:
+        raise MlxtuneError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    module_name, cls_name, extra = BACKENDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("backends"):
+            raise MlxtuneError(f"the {name} backend is not available in this version of mlxtune") from None
+        raise MlxtuneError(
+            f"the {name} backend needs '{e.name}', which is not installed: "
+            f"pip install 'mlxtune[{extra}]'" + (" (install torch==2.13.0 or your CUDA build of torch first)" if name == "torch" else "")
+        ) from None
+    return getattr(module, cls_name)()

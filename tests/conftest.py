@@ -1,0 +1,131 @@
+"""Shared pytest fixtures."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir():
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face folder.
+
+    Uses the ordinary cache (`$MLXTUNE_CACHE` if set, else `~/.cache/mlxtune`), so the one-time
+    GGUF conversion (~25 s, ~540 MB) is shared with the quickstart and later test sessions.
+    """
+    from mlxtune.models import resolve_model
+
+    return resolve_model("embedded:smollm2-135m-instruct")
+
+
+# ---------------------------------------------------------------- tiny assets built in code
+
+WORDS = (
+    "the a is are one two three four five six seven eight nine ten red blue green cat dog sun moon "
+    "hello world count to say please translate english turkish text sentence word words generate "
+    "level sentences for these using each naturally and appropriately provide numbered write python "
+    "def return x y add plus minus code problem solution yes no what color sky grass big small"
+).split()
+PUNCT = list(":.,!?()-'\"`#=+*/1234567890")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def build_tiny_tokenizer(path):
+    """A word-level tokenizer with a chat template and BOS added by default: ids are readable."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(WORDS + PUNCT + ["###", "Instruction", "Response", "Generate", "A1", "Translate", "English", "Turkish"])))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=specials[4:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_llama(path, vocab_size, seed=0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+                      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
+    LlamaForCausalLM(cfg).save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-block random Llama (hidden 64) with the tiny tokenizer, in Hugging Face format."""
+    pytest.importorskip("torch")
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tok = build_tiny_tokenizer(path)
+    build_tiny_llama(path, len(tok))
+    return path
+
+
+TINY_RECORDS = [
+    {"prompt": f"count to {n}", "completion": " ".join(["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"][:k])}
+    for n, k in [("three", 3), ("five", 5), ("two", 2), ("four", 4), ("six", 6), ("seven", 7), ("eight", 8), ("nine", 9), ("ten", 10)]
+] + [
+    {"prompt": "what color is the sky", "completion": "the sky is blue"},
+    {"prompt": "what color is the grass", "completion": "the grass is green"},
+    {"prompt": "say hello", "completion": "hello world"},
+]
+
+
+def write_jsonl(path, records):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir):
+    """Write a recipe for the tiny model + a tiny prompt/completion set; returns its path.
+    Tests vary it with --set overrides."""
+    data = write_jsonl(tmp_path / "train.jsonl", TINY_RECORDS * 4)
+
+    def write(name: str = "recipe.toml"):
+        text = f'''
+[model]
+path = "{tiny_model_dir}"
+
+[adapter]
+rank = 4
+alpha = 8
+
+[data]
+train = "{data.name}"
+format = "prompt_completion"
+eval_fraction = 0.25
+max_seq_len = 64
+
+[train]
+steps = 12
+lr = 1e-2
+warmup_steps = 2
+micro_batch = 4
+grad_accum = 2
+eval_every = 6
+
+[output]
+dir = "{tmp_path / 'runs'}"
+name = "tiny"
+'''
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+
+    return write
