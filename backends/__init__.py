@@ -40,6 +40,7 @@ class Backend(Protocol):
     """
 
     name: str
+    last_grad_norm: float | None  # global gradient norm (before clipping) of the last update
 
     def load(self, model_dir: Path, recipe: Recipe, layers: list[int]) -> None:
         """Load the base model and tokenizer-independent weights, and add the recipe's adapter

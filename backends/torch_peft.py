@@ -56,6 +56,7 @@ class TorchBackend:
         self.model = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.recipe: Recipe | None = None
+        self.last_grad_norm: float | None = None
 
     # -- loading --------------------------------------------------------------------
     def load(self, model_dir: Path, recipe: Recipe, layers: list[int]) -> None:
@@ -127,8 +128,9 @@ class TorchBackend:
         (loss_sum / denom).backward()
         if update:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            if self.recipe.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.recipe.train.grad_clip)
+            # the norm before clipping; max_norm=inf only measures it
+            clip = self.recipe.train.grad_clip if self.recipe.train.grad_clip > 0 else float("inf")
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             self.optimizer.step()

@@ -135,7 +135,8 @@ _register_optional()
 
 
 def main() -> None:
-    from .blas import maybe_reexec_with_openblas
+    from .blas import command_uses_mlx, maybe_reexec_with_openblas
 
-    maybe_reexec_with_openblas(sys.argv)
+    if command_uses_mlx(sys.argv[1:]):
+        maybe_reexec_with_openblas(sys.argv)
     cli()

@@ -49,6 +49,7 @@ class DataStats:
     truncated: int = 0
     dropped: int = 0
     lengths: list[int] = field(default_factory=list)
+    kept_rows: list[int] = field(default_factory=list)  # input positions of the kept examples
 
     def summary(self) -> dict[str, Any]:
         lens = np.array(self.lengths or [0])
@@ -102,10 +103,18 @@ def load_records(source: str, cfg: DataConfig, where: str) -> list[dict[str, Any
     if bad:
         raise MlxtuneError(f"{source}: record {bad} is not a JSON object")
     if cfg.columns:
-        rows = [{cfg_key: r.get(col) for cfg_key, col in cfg.columns.items()} | {k: v for k, v in r.items() if k not in cfg.columns.values()} for r in rows]
+        rows = [_rename(r, cfg.columns) for r in rows]
     if not rows:
         raise MlxtuneError(f"{source}: the dataset is empty")
     return rows
+
+
+def _rename(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """``columns`` maps the format's field name -> the dataset's column name."""
+    out = {k: v for k, v in row.items() if k not in columns.values()}
+    for name, column in columns.items():
+        out[name] = row.get(column)
+    return out
 
 
 def _load_with_datasets(name: str, kwargs: dict[str, Any], label: str) -> list[dict[str, Any]]:
@@ -286,9 +295,12 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer: Any, cfg: Dat
     return Example(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool))
 
 
-def encode_record(rec: dict[str, Any], cfg: DataConfig, tokenizer: Any, source: str = "<data>", row: int = 0) -> Example:
-    msgs = record_to_messages(rec, cfg, source, row)
+def encode_messages(msgs: list[dict[str, str]], cfg: DataConfig, tokenizer: Any) -> Example:
     return tokenize_segments(render_segments(msgs, cfg.template, tokenizer, cfg.system_prompt), tokenizer, cfg)
+
+
+def encode_record(rec: dict[str, Any], cfg: DataConfig, tokenizer: Any, source: str = "<data>", row: int = 0) -> Example:
+    return encode_messages(record_to_messages(rec, cfg, source, row), cfg, tokenizer)
 
 
 def encode_prompt(rec: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> np.ndarray:
@@ -298,13 +310,13 @@ def encode_prompt(rec: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> np.nd
     return tokenize_segments(segs, tokenizer, cfg).tokens
 
 
-def encode_records(records: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any, source: str) -> tuple[list[Example], DataStats]:
-    """Tokenize records and apply ``cfg.overlong``; nothing is cut or dropped without being counted."""
-    stats = DataStats(records=len(records))
+def encode_records(convs: list[list[dict[str, str]]], cfg: DataConfig, tokenizer: Any, source: str) -> tuple[list[Example], DataStats]:
+    """Tokenize conversations and apply ``cfg.overlong``; nothing is cut or dropped without being counted."""
+    stats = DataStats(records=len(convs))
     out: list[Example] = []
     longest = 0
-    for row, rec in enumerate(records, 1):
-        ex = encode_record(rec, cfg, tokenizer, source, row)
+    for i, msgs in enumerate(convs):
+        ex = encode_messages(msgs, cfg, tokenizer)
         if len(ex) > cfg.max_seq_len:
             stats.overlong += 1
             longest = max(longest, len(ex))
@@ -319,6 +331,7 @@ def encode_records(records: list[dict[str, Any]], cfg: DataConfig, tokenizer: An
                     continue
         out.append(ex)
         stats.lengths.append(len(ex))
+        stats.kept_rows.append(i)
     if stats.overlong and cfg.overlong == "error":
         raise MlxtuneError(
             f"{source}: {stats.overlong} of {stats.records} examples are longer than data.max_seq_len = {cfg.max_seq_len} "
@@ -335,6 +348,8 @@ def encode_records(records: list[dict[str, Any]], cfg: DataConfig, tokenizer: An
 
 @dataclass
 class Dataset:
+    """Tokenized splits; ``*_records[i]`` is the record of ``train[i]`` / ``eval[i]``."""
+
     train: list[Example]
     eval: list[Example]
     train_records: list[dict[str, Any]]
@@ -342,7 +357,7 @@ class Dataset:
     stats: dict[str, DataStats]
 
 
-def split_records(records: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_records(records: list[Any], cfg: DataConfig) -> tuple[list[Any], list[Any]]:
     """Seeded shuffle, optional cap, then the first ``eval_fraction`` goes to eval."""
     order = np.random.default_rng(cfg.split_seed).permutation(len(records))
     shuffled = [records[i] for i in order]
@@ -359,20 +374,24 @@ def split_records(records: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[
 def build_dataset(recipe: Recipe, tokenizer: Any) -> Dataset:
     cfg = recipe.data
     train_src = recipe.resolve_path(cfg.train)
-    records = load_records(train_src, cfg, str(recipe.source or "<recipe>"))
-    for row, rec in enumerate(records, 1):  # fail on a bad record before any tokenizing
-        record_to_messages(rec, cfg, train_src, row)
-    train_recs, eval_recs = split_records(records, cfg)
+    where = str(recipe.source or "<recipe>")
+
+    def read(src: str) -> list[tuple[dict[str, Any], list[dict[str, str]]]]:
+        # checked in file order, before the shuffle, so an error names the real row
+        return [(rec, record_to_messages(rec, cfg, src, row)) for row, rec in enumerate(load_records(src, cfg, where), 1)]
+
+    train_pairs, eval_pairs = split_records(read(train_src), cfg)
     eval_src = train_src
     if cfg.eval:
         eval_src = recipe.resolve_path(cfg.eval)
-        eval_recs = load_records(eval_src, cfg, str(recipe.source or "<recipe>"))
-    train, train_stats = encode_records(train_recs, cfg, tokenizer, train_src)
-    evals, eval_stats = encode_records(eval_recs, cfg, tokenizer, eval_src)
+        eval_pairs = read(eval_src)
+    train, train_stats = encode_records([m for _, m in train_pairs], cfg, tokenizer, train_src)
+    evals, eval_stats = encode_records([m for _, m in eval_pairs], cfg, tokenizer, eval_src)
     if cfg.loss_on == "full":
         for ex in train:
             ex.loss_mask = full_mask(len(ex))
-    return Dataset(train, evals, train_recs, eval_recs, {"train": train_stats, "eval": eval_stats})
+    return Dataset(train, evals, [train_pairs[i][0] for i in train_stats.kept_rows],
+                   [eval_pairs[i][0] for i in eval_stats.kept_rows], {"train": train_stats, "eval": eval_stats})
 
 
 def full_mask(n: int) -> np.ndarray:

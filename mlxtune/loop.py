@@ -155,9 +155,10 @@ def train(backend: Backend, train_examples: list[Example], eval_set: list[Batch]
                 raise MlxtuneError(f"train loss became {loss} at step {step + 1}; lower train.lr or check the data (mlxtune data show)")
             state["step"] = step + 1
             if state["step"] % cfg.log_every == 0 or state["step"] == total:
+                real_tokens = sum(int(b.full_mask.sum()) + len(b.tokens) for b in micro)  # + the first token of each row
                 run.log({
                     "event": "train", "step": state["step"], "epoch": micro[-1].epoch, "loss": loss, "tokens": denom,
-                    "lr": lr, "tokens_per_s": denom / dt, "processed_tokens_per_s": sum(int(b.full_mask.sum()) + len(b.tokens) for b in micro) / dt,
+                    "lr": lr, "grad_norm": backend.last_grad_norm, "tokens_per_s": denom / dt, "processed_tokens_per_s": real_tokens / dt,
                     "peak_memory": backend.peak_memory(), "elapsed": time.perf_counter() - started,
                 })
             if eval_set and ((cfg.eval_every and state["step"] % cfg.eval_every == 0) or state["step"] == total):

@@ -2,6 +2,20 @@
 
 import pytest
 
+from mlxtune import blas
+
+
+def pytest_configure(config):
+    """MLX's Linux wheel bundles a ~20x slower BLAS: re-run this pytest command once with
+    Debian's OpenBLAS preloaded, before any test module imports mlx (no-op elsewhere;
+    MLXTUNE_NO_OPENBLAS=1 skips it). Output capture is suspended first so the new process
+    writes to the real terminal."""
+    if blas.should_reexec(in_pytest=True):
+        capture = config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:
+            capture.suspend_global_capture(in_=True)
+        blas.maybe_reexec_with_openblas(in_pytest=True)
+
 
 @pytest.fixture(scope="session")
 def embedded_model_dir():

@@ -139,6 +139,7 @@ def test_overlong_is_counted_and_handled_as_asked(tmp_path, tiny_tokenizer):
     assert stats["train"]["overlong"] + stats["eval"]["overlong"] == 3
     assert stats["train"]["dropped"] + stats["eval"]["dropped"] == 3
     assert max(len(e) for e in ds.train + ds.eval) <= 16
+    assert long not in ds.train_records + ds.eval_records and len(ds.train_records) == len(ds.train)
     ds = build_dataset(_recipe(tmp_path, records, max_seq_len=16, overlong="truncate"), tiny_tokenizer)
     assert len(ds.train) + len(ds.eval) == 20 and max(len(e) for e in ds.train + ds.eval) == 16
     with pytest.raises(MlxtuneError, match="no example left"):

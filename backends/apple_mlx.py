@@ -1,0 +1,538 @@
+"""The MLX backend: mlx + mlx-lm (Metal on Apple Silicon, CPU on Linux).
+
+Parity with the torch backend (DESIGN.md section 5) rests on these choices:
+
+- **Same model.** The model config is taken from transformers' own reading of ``config.json``
+  (``AutoConfig``) and passed to mlx-lm field by field, so fields that the two libraries read
+  differently cannot drift: transformers 5 writes ``rope_parameters`` while mlx-lm 0.32 reads
+  only ``rope_theta`` and silently falls back to 10000. After building the model, every field is
+  checked against the expected value, and architectures or rope types this backend has not been
+  checked on are refused with a clear message (:data:`SUPPORTED_ARCHITECTURES`).
+- **Same adapter.** mlx-lm's ``LoRALinear`` on the recipe's modules in the recipe's blocks, with
+  ``scale = alpha / rank`` (not mlx-lm's default 20) and the recipe's dropout; the initial
+  weights come from the core (``set_adapter_weights``; mlx-lm keeps ``lora_a`` as (in, r) and
+  ``lora_b`` as (r, out), the transposes of PEFT's ``lora_A``/``lora_B``).
+- **Same loss.** ``logits[:, :-1]`` against ``tokens[:, 1:]`` weighted by ``mask[:, 1:]``,
+  cross-entropy in float32, summed; the step differentiates ``sum / denom`` and accumulates
+  gradients over micro-batches, so the loss is token-weighted across the accumulation window.
+- **Same optimizer.** ``mlx.optimizers.AdamW`` with ``bias_correction=True`` (MLX defaults to
+  False) and decoupled weight decay ``p *= 1 - lr * wd`` (as ``torch.optim.AdamW``), global-norm
+  clipping with ``clip_grad_norm`` (same formula as ``torch.nn.utils.clip_grad_norm_``), the
+  learning rate set from the loop's schedule at every update.
+
+The forward/backward of a micro-batch and the optimizer update are compiled with ``mx.compile``
+on the GPU; on the CPU compiling gave no speed-up (matmuls dominate) and costs one new trace per
+sequence length, so it is off there. ``MLXTUNE_MLX_COMPILE=1`` or ``0`` forces either way; the
+tests check that both give the same numbers.
+
+Differences from raw ``mlx_lm.lora`` a user comparing against it would see: mlx-lm's own
+batcher sorts chat records by the size of the record dict (so its "length sort" does nothing for
+them) and its mask trains one extra position (a pad after the last token); here the core's data
+layer and batcher decide the order and the mask for both backends, and a padded position is
+never a target. mlx-lm also uses ``scale = 20`` and Adam without bias correction by default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
+
+from mlxtune.errors import MlxtuneError
+
+if TYPE_CHECKING:
+    from mlxtune.recipe import Recipe
+
+# model_type -> fields mlx-lm's ModelArgs reads that must equal transformers' values.
+_COMMON = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "vocab_size",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "llama": _COMMON + ("head_dim", "attention_bias", "mlp_bias"),
+    "qwen2": _COMMON,
+    "qwen3": _COMMON + ("head_dim",),
+}
+# rope types whose mlx-lm implementation matches transformers' (checked by the tests).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+# ------------------------------------------------------------------ model config
+
+
+def _hf_config(model_dir: Path) -> Any:
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise MlxtuneError(
+            "the mlx backend reads the model config with transformers, which is not installed: "
+            "pip install 'mlxtune[mlx]'"
+        ) from None
+    try:
+        return AutoConfig.from_pretrained(str(model_dir))
+    except Exception as e:  # transformers raises many kinds here
+        raise MlxtuneError(f"{model_dir}/config.json: transformers cannot read it: {e}") from None
+
+
+def _rope(hf: Any) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling in mlx-lm's format or None) as transformers reads them."""
+    rp = getattr(hf, "rope_parameters", None)
+    if isinstance(rp, dict) and "rope_theta" in rp:
+        params = dict(rp)
+    else:  # transformers 4 layout
+        params = dict(getattr(hf, "rope_scaling", None) or {})
+        params["rope_theta"] = getattr(hf, "rope_theta", None)
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        raise MlxtuneError("the model config has no rope_theta (neither top level nor in rope_parameters)")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise MlxtuneError(
+            f"rope type {rope_type!r} is not supported by mlxtune's mlx backend yet "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)}); use --backend torch"
+        )
+    if rope_type == "default":
+        return float(theta), None
+    params["rope_type"] = rope_type
+    params.pop("type", None)
+    return float(theta), params
+
+
+def mlx_model_config(model_dir: Path) -> tuple[str, dict[str, Any]]:
+    """(model_type, overrides for mlx-lm's ModelArgs) so that mlx-lm builds the model exactly
+    as transformers reads ``config.json``. Raises MlxtuneError for anything not supported."""
+    raw_path = Path(model_dir) / "config.json"
+    if not raw_path.is_file():
+        raise MlxtuneError(f"{model_dir}: no config.json (expected a Hugging Face model folder)")
+    raw = json.loads(raw_path.read_text(encoding="utf-8"))
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise MlxtuneError(
+            f"{raw_path}: model_type {model_type!r} is not supported by mlxtune's mlx backend "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}; each one is checked against "
+            "transformers' logits in the test suite); use --backend torch"
+        )
+    if "quantization" in raw or "quantization_config" in raw:
+        raise MlxtuneError(f"{raw_path}: quantized checkpoints are not supported by the mlx backend yet")
+    hf = _hf_config(model_dir)
+    act = getattr(hf, "hidden_act", "silu")
+    if act != "silu":
+        raise MlxtuneError(f"{raw_path}: hidden_act {act!r} is not supported by the mlx backend (silu only)")
+    layer_types = getattr(hf, "layer_types", None)
+    if getattr(hf, "use_sliding_window", False) or (layer_types and any(t != "full_attention" for t in layer_types)):
+        raise MlxtuneError(f"{raw_path}: sliding-window attention is not supported by the mlx backend yet")
+    cfg: dict[str, Any] = {"model_type": model_type}
+    for name in SUPPORTED_ARCHITECTURES[model_type]:
+        value = getattr(hf, name, None)
+        if name == "head_dim" and value is None:
+            value = hf.hidden_size // hf.num_attention_heads
+        if name == "num_key_value_heads" and value is None:
+            value = hf.num_attention_heads
+        if value is None:
+            raise MlxtuneError(f"{raw_path}: transformers reads no value for {name!r}")
+        cfg[name] = value
+    if model_type == "qwen2":
+        hd = getattr(hf, "head_dim", None)
+        if hd is not None and hd != hf.hidden_size // hf.num_attention_heads:
+            raise MlxtuneError(f"{raw_path}: head_dim {hd} != hidden_size / num_attention_heads, not supported for qwen2 by mlx-lm")
+    if model_type == "qwen3" and getattr(hf, "attention_bias", False):
+        raise MlxtuneError(f"{raw_path}: qwen3 with attention_bias is not supported by mlx-lm")
+    if model_type == "llama" and getattr(hf, "pretraining_tp", 1) not in (1, None):
+        raise MlxtuneError(f"{raw_path}: pretraining_tp != 1 is not supported")
+    theta, scaling = _rope(hf)
+    cfg["rope_theta"] = theta
+    cfg["rope_scaling"] = scaling
+    if model_type in ("llama", "qwen2"):
+        cfg["rope_traditional"] = False
+    if model_type == "llama":
+        cfg["layer_types"] = None
+        cfg["sliding_window"] = None
+    if model_type == "qwen3":
+        cfg["rope_parameters"] = None
+    return model_type, cfg
+
+
+def _check_model_args(args: Any, expected: dict[str, Any], where: Path) -> None:
+    bad = []
+    for name, want in expected.items():
+        if name in ("layer_types", "rope_parameters"):
+            continue
+        have = getattr(args, name, "<absent>")
+        if isinstance(want, float) or isinstance(have, float):
+            ok = isinstance(have, (int, float)) and math.isclose(float(have), float(want), rel_tol=1e-9)
+        else:
+            ok = have == want
+        if not ok:
+            bad.append(f"{name}: mlx-lm has {have!r}, transformers reads {want!r}")
+    if bad:
+        raise MlxtuneError(f"{where}: mlx-lm and transformers read the model config differently: " + "; ".join(bad))
+
+
+# ------------------------------------------------------------------ the backend
+
+
+def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array, inv_denom: mx.array):
+    logits = model(inputs).astype(mx.float32)
+    nll = (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
+    return nll * inv_denom, nll
+
+
+def _shifted(tokens: np.ndarray) -> tuple[mx.array, mx.array]:
+    tokens = np.asarray(tokens, dtype=np.int32)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be int32[B, T] with T >= 2, got shape {tokens.shape}")
+    return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:])
+
+
+def _weights(mask: np.ndarray) -> mx.array:
+    return mx.array(np.asarray(mask, dtype=bool)[:, 1:].astype(np.float32))
+
+
+def _compile_default() -> bool:
+    """``MLXTUNE_MLX_COMPILE=1/0`` forces it; by default compile on the GPU (Metal) only.
+
+    Measured on the CPU (SmolLM2-135M LoRA, OpenBLAS, 2 cores): 84-90 tokens/s compiled vs
+    91-93 not, because the matmuls dominate, while every new sequence length costs a new trace
+    (~0.3 s) and length bucketing produces many lengths.
+    """
+    env = os.environ.get("MLXTUNE_MLX_COMPILE", "").strip().lower()
+    if env:
+        return env not in ("0", "false", "no", "off")
+    return mx.default_device().type == mx.gpu
+
+
+class MLXBackend:
+    """LoRA on mlx-lm models; see the module docstring for the parity rules."""
+
+    name = "mlx"
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.recipe: Recipe | None = None
+        self.model_dir: Path | None = None
+        self.model_type = ""
+        self.layers: list[int] = []
+        self.lora: dict[str, nn.Module] = {}  # HF module path -> LoRALinear
+        self.optimizer: optim.AdamW | None = None
+        self.grad_clip = 0.0
+        self.last_grad_norm: float | None = None
+        self._grads: Any = None
+        self._step_fn: Any = None
+        self._update_fn: Any = None
+        self.compile = _compile_default()
+
+    # ---------------------------------------------------------------- load
+
+    def load(self, model_dir: Path, recipe: Recipe, layers: list[int]) -> None:
+        from mlx_lm.tuner.lora import LoRALinear
+        from mlx_lm.utils import load_model
+
+        model_dir = Path(model_dir)
+        model_type, cfg = mlx_model_config(model_dir)
+        if not list(model_dir.glob("model*.safetensors")):
+            raise MlxtuneError(f"{model_dir}: no model*.safetensors weights (the mlx backend loads safetensors only)")
+        mx.random.seed(recipe.train.seed)
+        mx.reset_peak_memory()
+        try:
+            model, _ = load_model(model_dir, model_config=cfg, strict=True)
+        except (ValueError, KeyError) as e:
+            raise MlxtuneError(f"{model_dir}: mlx-lm cannot load the weights: {e}") from None
+        _check_model_args(model.args, cfg, model_dir)
+        model.set_dtype(getattr(mx, _DTYPES[recipe.model.dtype]))
+        model.freeze()
+
+        blocks = model.model.layers
+        targets = set(recipe.adapter.target_modules)
+        linear_types = (nn.Linear, nn.QuantizedLinear)
+        available = {r.rsplit(".", 1)[-1] for r, m in blocks[0].named_modules() if isinstance(m, linear_types)}
+        missing = targets - available
+        if missing:
+            raise MlxtuneError(
+                f"adapter.target_modules: {sorted(missing)} not found in the model's blocks; "
+                f"linear layers there: {', '.join(sorted(available))}"
+            )
+        self.lora = {}
+        for i in layers:
+            if not 0 <= i < len(blocks):
+                raise MlxtuneError(f"adapter layer {i} out of range (the model has {len(blocks)} blocks)")
+            new = []
+            for rel, mod in blocks[i].named_modules():
+                if rel.rsplit(".", 1)[-1] in targets and isinstance(mod, linear_types):
+                    lora = LoRALinear.from_base(
+                        mod, r=recipe.adapter.rank, dropout=recipe.adapter.dropout, scale=recipe.adapter.scale
+                    )
+                    new.append((rel, lora))
+                    self.lora[f"model.layers.{i}.{rel}"] = lora
+            blocks[i].update_modules(tree_unflatten(new))
+        mx.eval(model.parameters())
+        self.model, self.recipe, self.model_dir = model, recipe, model_dir
+        self.model_type, self.layers = model_type, list(layers)
+        self._grads = None
+        self._step_fn = self._update_fn = None
+        self.optimizer = None
+
+    def _need(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("MLXBackend: call load() first")
+        return self.model
+
+    # ---------------------------------------------------------------- adapter weights
+
+    def adapter_shapes(self) -> dict[str, tuple[int, int]]:
+        self._need()
+        return {p: (int(m.lora_a.shape[0]), int(m.lora_b.shape[1])) for p, m in self.lora.items()}
+
+    def set_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self._need()
+        expected = {f"{p}.lora_{s}" for p in self.lora for s in "AB"}
+        if set(weights) != expected:
+            extra, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
+            raise ValueError(f"adapter weights do not match the model's adapter: missing {missing[:4]}, unexpected {extra[:4]}")
+        for p, m in self.lora.items():
+            a = np.asarray(weights[f"{p}.lora_A"], dtype=np.float32).T
+            b = np.asarray(weights[f"{p}.lora_B"], dtype=np.float32).T
+            if a.shape != tuple(m.lora_a.shape) or b.shape != tuple(m.lora_b.shape):
+                raise ValueError(f"{p}: adapter shapes {a.T.shape}/{b.T.shape} do not fit (rank, in)/(out, rank) = {tuple(m.lora_a.shape)[::-1]}/{tuple(m.lora_b.shape)[::-1]}")
+            m.lora_a = mx.array(np.ascontiguousarray(a))
+            m.lora_b = mx.array(np.ascontiguousarray(b))
+        mx.eval([(m.lora_a, m.lora_b) for m in self.lora.values()])
+
+    def get_adapter_weights(self) -> dict[str, np.ndarray]:
+        self._need()
+        out = {}
+        for p, m in self.lora.items():
+            out[f"{p}.lora_A"] = np.array(m.lora_a.astype(mx.float32)).T.copy()
+            out[f"{p}.lora_B"] = np.array(m.lora_b.astype(mx.float32)).T.copy()
+        return out
+
+    def trainable_parameters(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self._need().trainable_parameters()))
+
+    # ---------------------------------------------------------------- training
+
+    def setup_optimizer(self, recipe: Recipe) -> None:
+        model = self._need()
+        t = recipe.train
+        self.optimizer = optim.AdamW(
+            learning_rate=t.lr,
+            betas=list(t.betas),
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            bias_correction=True,
+        )
+        self.optimizer.init(model.trainable_parameters())
+        self.grad_clip = float(t.grad_clip)
+        self._grads = None
+        self._build_fns()
+
+    def _build_fns(self) -> None:
+        model, opt = self._need(), self.optimizer
+        value_and_grad = nn.value_and_grad(model, _loss)
+        grad_clip = self.grad_clip
+
+        def step(inputs, targets, weights, inv_denom):
+            (_, nll), grads = value_and_grad(model, inputs, targets, weights, inv_denom)
+            return nll, grads
+
+        def update(grads):
+            if grad_clip > 0:
+                grads, norm = optim.clip_grad_norm(grads, grad_clip)
+            else:
+                norm = mx.sqrt(sum((g.astype(mx.float32).square().sum() for _, g in tree_flatten(grads)), mx.array(0.0)))
+            opt.update(model, grads)
+            return norm
+
+        if self.compile:
+            # nn.value_and_grad writes the (traced) trainable arrays into the model, so the model
+            # state has to be an output as well as an input.
+            state = [model.state, mx.random.state]
+            step = mx.compile(step, inputs=state, outputs=state)
+            ustate = [model.state, opt.state]
+            update = mx.compile(update, inputs=ustate, outputs=ustate)
+        self._step_fn, self._update_fn = step, update
+
+    def train_step(self, tokens: np.ndarray, mask: np.ndarray, denom: int, update: bool, lr: float) -> float:
+        model = self._need()
+        if self.optimizer is None or self._step_fn is None:
+            raise RuntimeError("MLXBackend: call setup_optimizer() before train_step()")
+        if denom <= 0:
+            raise ValueError("denom (target tokens in the accumulation window) must be > 0")
+        model.train()
+        inputs, targets = _shifted(tokens)
+        nll, grads = self._step_fn(inputs, targets, _weights(mask), mx.array(1.0 / denom, dtype=mx.float32))
+        self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+        mx.eval(nll, self._grads)
+        if update:
+            self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
+            norm = self._update_fn(self._grads)
+            mx.eval(norm, model.trainable_parameters(), self.optimizer.state)
+            self.last_grad_norm = float(norm)
+            self._grads = None
+        return float(nll)
+
+    # ---------------------------------------------------------------- eval
+
+    def eval_step(self, tokens: np.ndarray, masks: dict[str, np.ndarray], adapter: bool = True) -> dict[str, float]:
+        model = self._need()
+        model.eval()
+        inputs, targets = _shifted(tokens)
+        swapped = []
+        if not adapter:  # score the base model: put the frozen base linears back for one pass
+            for p, m in self.lora.items():
+                i, rel = p.split(".", 3)[2], p.split(".", 3)[3]
+                swapped.append((int(i), rel, m))
+                model.model.layers[int(i)].update_modules(tree_unflatten([(rel, m.linear)]))
+        try:
+            logits = model(inputs).astype(mx.float32)
+            ce = nn.losses.cross_entropy(logits, targets, reduction="none")
+            sums = {k: (ce * _weights(v)).sum() for k, v in masks.items()}
+            mx.eval(sums)
+        finally:
+            for i, rel, m in swapped:
+                model.model.layers[i].update_modules(tree_unflatten([(rel, m)]))
+        return {k: float(v) for k, v in sums.items()}
+
+    # ---------------------------------------------------------------- adapters on disk
+
+    def _adapter_config(self) -> dict[str, Any]:
+        assert self.recipe is not None
+        n_blocks = len(self._need().model.layers)
+        keys = sorted({p.split(".", 3)[3] for p in self.lora})
+        a = self.recipe.adapter
+        return {
+            "fine_tune_type": "lora",
+            # mlx-lm wraps the last `num_layers` blocks; blocks in that range that mlxtune did
+            # not adapt get mlx-lm's fresh LoRA with lora_b = 0, i.e. no change to the output.
+            "num_layers": n_blocks - min(self.layers) if self.layers else 0,
+            "lora_parameters": {"rank": a.rank, "scale": a.scale, "dropout": a.dropout, "keys": keys},
+            "mlxtune": {
+                "alpha": a.alpha,
+                "layers": self.layers,
+                "target_modules": list(a.target_modules),
+                "base_model": str(self.model_dir),
+                "model_type": self.model_type,
+            },
+        }
+
+    def save_adapter(self, path: Path) -> None:
+        self._need()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for p, m in self.lora.items():
+            tensors[f"{p}.lora_a"] = m.lora_a
+            tensors[f"{p}.lora_b"] = m.lora_b
+        mx.save_safetensors(str(path / "adapters.safetensors"), tensors, metadata={"format": "mlx"})
+        (path / "adapter_config.json").write_text(json.dumps(self._adapter_config(), indent=2) + "\n", encoding="utf-8")
+
+    def load_adapter(self, path: Path) -> None:
+        """Load an adapter folder in mlx-lm's format (``adapters.safetensors``, as written by
+        :meth:`save_adapter` or ``mlx_lm.lora``) or in PEFT's (``adapter_model.safetensors``, as
+        written by the torch backend), so an adapter trained on one backend runs on the other."""
+        self._need()
+        assert self.recipe is not None
+        path = Path(path)
+        cfg_path = path / "adapter_config.json"
+        if not cfg_path.is_file():
+            raise MlxtuneError(f"{path}: no adapter_config.json (not an adapter folder)")
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        a = self.recipe.adapter
+        if (path / "adapters.safetensors").is_file():
+            lp = cfg.get("lora_parameters", {})
+            kind, rank, scale = cfg.get("fine_tune_type", "lora"), lp.get("rank"), lp.get("scale")
+            loaded = mx.load(str(path / "adapters.safetensors"))
+            # mlx-lm layout: <module>.lora_a (in, r), <module>.lora_b (r, out)
+            found = {f"{k.rsplit('.', 1)[0]}.lora_{k.rsplit('_', 1)[1].upper()}": np.array(v.astype(mx.float32)).T
+                     for k, v in loaded.items() if k.endswith((".lora_a", ".lora_b"))}
+            other = [k for k in loaded if not k.endswith((".lora_a", ".lora_b"))]
+        elif (path / "adapter_model.safetensors").is_file():
+            kind = "lora" if cfg.get("peft_type", "LORA") == "LORA" and not cfg.get("use_dora") else str(cfg.get("peft_type")).lower()
+            rank = cfg.get("r")
+            scale = cfg["lora_alpha"] / cfg["r"] if cfg.get("r") and cfg.get("lora_alpha") is not None else None
+            loaded = mx.load(str(path / "adapter_model.safetensors"))
+            # PEFT layout: base_model.model.<module>.lora_A.weight (r, in), .lora_B.weight (out, r)
+            found, other = {}, []
+            for k, v in loaded.items():
+                name = k.removeprefix("base_model.model.").removesuffix(".weight")
+                if name.endswith((".lora_A", ".lora_B")):
+                    found[name] = np.array(v.astype(mx.float32))
+                else:
+                    other.append(k)
+        else:
+            raise MlxtuneError(f"{path}: no adapters.safetensors (mlx-lm) or adapter_model.safetensors (PEFT)")
+        if kind != "lora" or rank != a.rank:
+            raise MlxtuneError(f"{path}: adapter ({kind}, rank {rank}) does not match the recipe (lora, rank {a.rank})")
+        if scale is None or not math.isclose(float(scale), a.scale, rel_tol=1e-6):
+            raise MlxtuneError(f"{path}: adapter scale {scale} != the recipe's alpha / rank = {a.scale:g}")
+        expected = {f"{p}.lora_{s}" for p in self.lora for s in "AB"}
+        if set(found) != expected or other:
+            missing, extra = sorted(expected - set(found)), sorted(set(found) - expected) + other
+            raise MlxtuneError(f"{path}: adapter tensors do not match the recipe's adapter (missing {missing[:3]}, unexpected {extra[:3]})")
+        self.set_adapter_weights(found)
+
+    # ---------------------------------------------------------------- optimizer state
+
+    def save_optimizer(self, path: Path) -> None:
+        if self.optimizer is None:
+            raise RuntimeError("MLXBackend: no optimizer to save")
+        path = Path(path)
+        flat = dict(tree_flatten(self.optimizer.state))
+        step = int(self.optimizer.state["step"].item())
+        tmp = path.with_name(path.name + ".tmp")
+        mx.save_safetensors(str(tmp), flat, metadata={"step": str(step), "format": "mlxtune-mlx-adamw"})
+        os.replace(str(tmp) + ".safetensors", path)
+
+    def load_optimizer(self, path: Path) -> None:
+        if self.optimizer is None:
+            raise RuntimeError("MLXBackend: call setup_optimizer() before load_optimizer()")
+        loaded = mx.load(str(path), format="safetensors")
+        have = dict(tree_flatten(self.optimizer.state))
+        if set(loaded) != set(have):
+            raise MlxtuneError(f"{path}: optimizer state does not match this adapter ({len(loaded)} tensors, expected {len(have)})")
+        self.optimizer.state = tree_map_with_path(lambda k, v: loaded[k], self.optimizer.state)
+        mx.eval(self.optimizer.state)
+        self._build_fns()  # the compiled update captured the previous state object
+
+    # ---------------------------------------------------------------- reporting
+
+    def peak_memory(self) -> int:
+        """Peak bytes held by MLX's allocator since ``load`` (weights, activations, gradients,
+        optimizer state; on a Mac this is unified memory; Python/numpy memory not included)."""
+        return int(mx.get_peak_memory())
+
+    def describe(self) -> dict[str, str]:
+        import mlx_lm
+
+        from mlxtune.blas import blas_summary
+
+        dev = mx.default_device()
+        device = "gpu (Metal)" if dev.type == mx.gpu and mx.metal.is_available() else str(dev.type).split(".")[-1]
+        info = {
+            "backend": "mlx",
+            "device": device,
+            "dtype": self.recipe.model.dtype if self.recipe else "",
+            "mlx": mx.__version__,
+            "mlx_lm": getattr(mlx_lm, "__version__", "?"),
+            "compiled": str(self.compile),
+        }
+        if dev.type == mx.cpu:
+            info["blas"] = blas_summary()
+        return info
