@@ -7,6 +7,8 @@ import sys
 import click
 
 from . import __version__
+from .compare import compare_cmd
+from .doctor import doctor_cmd
 from .errors import MlxtuneError
 from .recipe import load_recipe
 
@@ -121,17 +123,8 @@ def keys(markdown: bool) -> None:
         click.echo(text, nl=False)
 
 
-def _register_optional() -> None:
-    try:
-        from .compare import compare_cmd
-        from .doctor import doctor_cmd
-    except ImportError:  # pragma: no cover - modules ship together
-        return
-    cli.add_command(compare_cmd)
-    cli.add_command(doctor_cmd)
-
-
-_register_optional()
+cli.add_command(compare_cmd)
+cli.add_command(doctor_cmd)
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -120,6 +119,3 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
             continue  # a line cut short by a crash
     return events
 
-
-def now() -> float:
-    return time.time()

@@ -84,8 +84,9 @@ def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False
         run_dir.write_text("recipe.resolved.toml", tomli_w.dumps(resolved))
         run_dir.log({"event": "start", "step": 0, "backend": info, "model_dir": str(model_dir), "data": stats,
                      "trainable_parameters": backend.trainable_parameters()})
-    summary = loop.train(backend, data.train, eval_batches(data.eval, recipe.eval.batch_size, pad_id(tokenizer)),
-                         recipe.train, recipe.eval, run_dir, pad_id(tokenizer), resume=resume, progress=progress)
+    pad = pad_id(tokenizer)
+    summary = loop.train(backend, data.train, eval_batches(data.eval, recipe.eval.batch_size, pad),
+                         recipe.train, recipe.eval, run_dir, pad, resume=resume, progress=progress)
     if resume and summary["base"] is None:
         summary["base"] = next((e for e in run_dir.events() if e["event"] == "eval" and not e["adapter"]), None)
     run_dir.write_text("report.md", render_report(recipe.run_name, resolved, info, stats, summary))
