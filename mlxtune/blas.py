@@ -5,8 +5,10 @@ The ``mlx[cpu]`` wheel links ``libmlx.so`` against a reference BLAS it bundles
 OpenBLAS (package ``libopenblas0-pthread``) loaded in its place with ``LD_PRELOAD`` runs the same
 matmul at about 200 GFLOP/s. Installing the package alone does nothing: the library has to be
 preloaded before ``libmlx.so`` is loaded, i.e. before the process starts. So the ``mlxtune``
-entry point calls :func:`maybe_reexec_with_openblas` first thing, which re-executes the same
-command once with ``LD_PRELOAD`` set. Set ``MLXTUNE_NO_OPENBLAS=1`` to turn this off.
+entry point, for commands that will use MLX (:func:`command_uses_mlx`), calls
+:func:`maybe_reexec_with_openblas` first thing, which re-executes the same command once with
+``LD_PRELOAD`` set; the test suite's conftest does the same for pytest. Set
+``MLXTUNE_NO_OPENBLAS=1`` to turn this off.
 
 Nothing here imports mlx at module import time.
 """
@@ -28,7 +30,7 @@ NO_OPENBLAS_ENV = "MLXTUNE_NO_OPENBLAS"
 _REEXEC_MARK = "MLXTUNE_OPENBLAS_REEXEC"
 FIX_HINT = (
     "install Debian's OpenBLAS (apt-get install -y libopenblas0-pthread); the mlxtune command "
-    "then preloads it itself. For other programs (pytest, python scripts) set "
+    "then preloads it itself for MLX commands. For your own python scripts set "
     "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 )
 
