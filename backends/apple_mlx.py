@@ -72,8 +72,6 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
 # rope types whose mlx-lm implementation matches transformers' (checked by the tests).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
 
 # ------------------------------------------------------------------ model config
 
@@ -256,7 +254,7 @@ class MLXBackend:
         except (ValueError, KeyError) as e:
             raise MlxtuneError(f"{model_dir}: mlx-lm cannot load the weights: {e}") from None
         _check_model_args(model.args, cfg, model_dir)
-        model.set_dtype(getattr(mx, _DTYPES[recipe.model.dtype]))
+        model.set_dtype(getattr(mx, recipe.model.dtype))  # the recipe's names are mx dtype names
         model.freeze()
 
         blocks = model.model.layers

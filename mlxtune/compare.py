@@ -18,14 +18,9 @@ from typing import Any
 import click
 
 from .errors import MlxtuneError
+from .rundir import read_metrics
 
 EVAL_FIELDS = ("loss", "loss_full")
-
-
-def _metrics(run: Path) -> list[dict[str, Any]]:
-    from .rundir import read_metrics
-
-    return read_metrics(Path(run))
 
 
 def _train(events: list[dict[str, Any]]) -> dict[int, float]:
@@ -86,7 +81,7 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path, tol: float = 1e-3, rtol: 
     "max_rel", "worst", "agree", "tol", "rtol", "recipe_diff", "speed"}`` where a train row is
     ``{"step", "a", "b", "abs", "rel", "ok"}`` and an eval row adds ``"adapter"`` and ``"field"``.
     """
-    ev_a, ev_b = _metrics(Path(dir_a)), _metrics(Path(dir_b))
+    ev_a, ev_b = read_metrics(Path(dir_a)), read_metrics(Path(dir_b))
     ta, tb = _train(ev_a), _train(ev_b)
     ea, eb = _eval(ev_a), _eval(ev_b)
 
