@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import platform
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -62,7 +63,12 @@ class Backend(Protocol):
         """Forward + backward of sum(NLL over mask) / denom, accumulating gradients.
 
         With ``update``: clip the global grad norm (recipe's grad_clip), take one AdamW step at
-        learning rate ``lr``, zero the gradients. Returns the NLL sum (not divided)."""
+        learning rate ``lr``, zero the gradients. Returns the NLL sum (not divided).
+
+        On an allocation failure: discard the gradients accumulated since the last update and
+        raise ``mlxtune.memory.OutOfMemory``; the loop retries the step in smaller passes. The
+        loss is computed from the final hidden states of the masked positions only, with the
+        vocabulary projection in chunks (never B x T x V logits)."""
 
     def eval_step(self, tokens: np.ndarray, masks: dict[str, np.ndarray], adapter: bool = True) -> dict[str, float]:
         """One forward pass without gradients; NLL sum under each mask. ``adapter=False`` scores
@@ -77,6 +83,19 @@ class Backend(Protocol):
         """Write the optimizer state as the single file ``path`` (safetensors or a tensor-only file)."""
 
     def load_optimizer(self, path: Path) -> None: ...
+
+    def generate(self, prompts: list[np.ndarray], max_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0, adapter: bool = True,
+                 should_stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+        """Continue every prompt (int32 token ids, no padding) in ONE batch. Returns the new token
+        ids per prompt, without the prompt and without the final eos. A row stops at an eos id,
+        when ``should_stop(row_ids_so_far)`` is True (the ids that made it True are kept), or at
+        ``max_tokens``; the batch stops when all rows stopped. ``temperature`` 0 = greedy;
+        otherwise softmax(logits / temperature) with nucleus ``top_p``, seeded by ``seed`` so the
+        same call gives the same output. ``adapter=False`` generates with the base model.
+
+        Backends left-pad the batch (``pad_id``; padding never changes a row's result), keep a
+        KV cache, and leave sampling and stopping to :func:`mlxtune.generation.decode_loop`."""
 
     def peak_memory(self) -> int:
         """Peak memory in bytes since load (see the backend's docstring for what is measured)."""

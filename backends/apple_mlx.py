@@ -15,6 +15,8 @@ Parity with the torch backend (DESIGN.md section 5) rests on these choices:
 - **Same loss.** ``logits[:, :-1]`` against ``tokens[:, 1:]`` weighted by ``mask[:, 1:]``,
   cross-entropy in float32, summed; the step differentiates ``sum / denom`` and accumulates
   gradients over micro-batches, so the loss is token-weighted across the accumulation window.
+  As on torch, only the hidden states of masked positions go through the head, in chunks of
+  :func:`mlxtune.memory.ce_chunk_rows` rows (see :func:`_loss`): full B x T x V logits never exist.
 - **Same optimizer.** ``mlx.optimizers.AdamW`` with ``bias_correction=True`` (MLX defaults to
   False) and decoupled weight decay ``p *= 1 - lr * wd`` (as ``torch.optim.AdamW``), global-norm
   clipping with ``clip_grad_norm`` (same formula as ``torch.nn.utils.clip_grad_norm_``), the
@@ -37,6 +39,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +52,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from mlxtune.errors import MlxtuneError
+from mlxtune.memory import OutOfMemory, ce_chunk_rows, is_out_of_memory
 
 if TYPE_CHECKING:
     from mlxtune.recipe import Recipe
@@ -187,21 +192,118 @@ def _check_model_args(args: Any, expected: dict[str, Any], where: Path) -> None:
 # ------------------------------------------------------------------ the backend
 
 
-def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, weights: mx.array, inv_denom: mx.array):
-    logits = model(inputs).astype(mx.float32)
-    nll = (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
-    return nll * inv_denom, nll
+ROW_PAD = 64  # target rows are padded to a multiple of this: fewer distinct shapes for mx.compile
 
 
-def _shifted(tokens: np.ndarray) -> tuple[mx.array, mx.array]:
+def _head(model: nn.Module) -> Any:
+    """The vocabulary projection: the tied embedding matrix or ``lm_head``."""
+    return model.model.embed_tokens.as_linear if model.args.tie_word_embeddings else model.lm_head
+
+
+def _targets(tokens: np.ndarray, mask: np.ndarray) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """(inputs [B, T-1], rows, target ids, weights): the one place the shift happens on MLX.
+
+    ``rows`` index the flattened [B * (T-1)] hidden states that predict a target under ``mask``
+    (token t is predicted from position t - 1); padded with weight-0 rows to a multiple of ROW_PAD.
+    """
     tokens = np.asarray(tokens, dtype=np.int32)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be int32[B, T] with T >= 2, got shape {tokens.shape}")
-    return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:])
+    rows = np.flatnonzero(np.asarray(mask, dtype=bool)[:, 1:]).astype(np.int32)
+    n = len(rows)
+    pad = -n % ROW_PAD if n else ROW_PAD
+    weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    rows = np.concatenate([rows, np.zeros(pad, np.int32)])
+    targets = tokens[:, 1:].reshape(-1)[rows]
+    return mx.array(tokens[:, :-1]), mx.array(rows), mx.array(targets), mx.array(weights)
 
 
-def _weights(mask: np.ndarray) -> mx.array:
-    return mx.array(np.asarray(mask, dtype=bool)[:, 1:].astype(np.float32))
+def _rows(model: nn.Module, inputs: mx.array, rows: mx.array) -> mx.array:
+    """Final hidden states [len(rows), d] of the selected positions: the head runs on these only."""
+    h = model.model(inputs)
+    return h.reshape(-1, h.shape[-1])[rows]
+
+
+def _nll_rows(head: Any, h: mx.array, targets: mx.array, chunk: int) -> mx.array:
+    """float32 NLL per row of ``head(h)`` against ``targets``, ``chunk`` rows at a time, each
+    chunk after the previous one (a zero-valued dependency, as in :func:`_loss`)."""
+    out: list[mx.array] = []
+    for s in range(0, h.shape[0], chunk):
+        hc = h[s:s + chunk] if not out else h[s:s + chunk] + (0 * out[-1][0]).astype(h.dtype)
+        logits = head(hc).astype(mx.float32)
+        out.append(nn.losses.cross_entropy(logits, targets[s:s + chunk], reduction="none"))
+    return mx.concatenate(out)
+
+
+def _head_rows(model: nn.Module, ids: mx.array) -> mx.array:
+    """Rows ``ids`` of the head's weight matrix (dequantized when quantized): the gradient of a
+    logit with respect to the hidden state."""
+    if model.args.tie_word_embeddings:
+        return model.model.embed_tokens(ids)
+    head = model.lm_head
+    if isinstance(head, nn.QuantizedLinear):
+        return mx.dequantize(head.weight[ids], head.scales[ids], head.biases[ids], head.group_size, head.bits)
+    return head.weight[ids]
+
+
+def _loss(model: nn.Module, inputs: mx.array, rows: mx.array, targets: mx.array, weights: mx.array,
+          inv_denom: mx.array, chunk: int):
+    """(sum(NLL * weights) * inv_denom, sum(NLL * weights)) with a chunked cross-entropy.
+
+    The head is frozen, so each chunk's gradient with respect to its hidden states is formed
+    where its logits are: ``(softmax @ W - W[target]) * weight`` (the head's vjp of the softmax,
+    minus the target's row) and packed with the chunk's loss into one array. A chunk's logits
+    are dead once that array exists; the next chunk waits for it (a zero-valued dependency), so
+    MLX's scheduler cannot start every chunk at once. ``h * stop_gradient(dh)`` minus its own
+    stopped value is exactly 0 and carries that gradient into the body's backward pass.
+    """
+    h = _rows(model, inputs, rows)
+    head, d = _head(model), h.shape[-1]
+    hs = mx.stop_gradient(h)
+    nll, grads, prev = [], [], None
+    for s in range(0, h.shape[0], chunk):
+        hc, t, w = hs[s:s + chunk], targets[s:s + chunk], weights[s:s + chunk]
+        if prev is not None:
+            hc = hc + (0 * prev).astype(hc.dtype)
+        logits = head(hc).astype(mx.float32)
+        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+        ce = (lse[:, 0] - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]) * w
+        _, (dh,) = mx.vjp(head, [hc], [mx.exp(logits - lse).astype(hc.dtype)])
+        dh = (dh - _head_rows(model, t)).astype(mx.float32) * w[:, None]
+        packed = mx.concatenate([dh.reshape(-1), ce.sum()[None]])
+        prev = packed[-1]
+        nll.append(prev)
+        grads.append(packed[:-1].reshape(-1, d))
+    total = mx.stack(nll).sum()
+    carrier = (h * mx.stop_gradient(mx.concatenate(grads)).astype(h.dtype)).sum()
+    value = total + (carrier - mx.stop_gradient(carrier)).astype(mx.float32)
+    return value * inv_denom, total
+
+
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
+    """Gradient checkpointing: each block's call runs under ``mx.checkpoint``, so its activations
+    are recomputed during backward instead of kept. Done by giving each block a subclass of its
+    own class (parameter names unchanged); mlx-lm's ``grad_checkpoint`` patches the class itself,
+    which would change every model of that class in the process."""
+    for block in blocks:
+        cls = type(block)
+        if cls in _CHECKPOINTED.values():
+            continue
+        if cls not in _CHECKPOINTED:
+            call = cls.__call__
+
+            def checkpointed(self, *args, _call=call, **kwargs):
+                def inner(params, *a, **kw):
+                    self.update(params)
+                    return _call(self, *a, **kw)
+
+                return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+            _CHECKPOINTED[cls] = type(cls.__name__ + "Checkpointed", (cls,), {"__call__": checkpointed})
+        block.__class__ = _CHECKPOINTED[cls]
 
 
 def _compile_default() -> bool:
@@ -280,6 +382,8 @@ class MLXBackend:
                     new.append((rel, lora))
                     self.lora[f"model.layers.{i}.{rel}"] = lora
             blocks[i].update_modules(tree_unflatten(new))
+        if recipe.train.grad_checkpointing is True:  # "auto" is resolved by the planner before load
+            _checkpoint_blocks(blocks)
         mx.eval(model.parameters())
         self.model, self.recipe, self.model_dir = model, recipe, model_dir
         self.model_type, self.layers = model_type, list(layers)
@@ -346,8 +450,10 @@ class MLXBackend:
         value_and_grad = nn.value_and_grad(model, _loss)
         grad_clip = self.grad_clip
 
-        def step(inputs, targets, weights, inv_denom):
-            (_, nll), grads = value_and_grad(model, inputs, targets, weights, inv_denom)
+        chunk = ce_chunk_rows(model.args.vocab_size)
+
+        def step(inputs, rows, targets, weights, inv_denom):
+            (_, nll), grads = value_and_grad(model, inputs, rows, targets, weights, inv_denom, chunk)
             return nll, grads
 
         def update(grads):
@@ -374,10 +480,15 @@ class MLXBackend:
         if denom <= 0:
             raise ValueError("denom (target tokens in the accumulation window) must be > 0")
         model.train()
-        inputs, targets = _shifted(tokens)
-        nll, grads = self._step_fn(inputs, targets, _weights(mask), mx.array(1.0 / denom, dtype=mx.float32))
-        self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
-        mx.eval(nll, self._grads)
+        try:
+            nll, grads = self._step_fn(*_targets(tokens, mask), mx.array(1.0 / denom, dtype=mx.float32))
+            self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+            mx.eval(nll, self._grads)
+        except (RuntimeError, MemoryError) as e:  # an allocation failure the CPU allocator reports
+            self._grads = None  # the accumulation window is retried from its start (Metal aborts instead)
+            if is_out_of_memory(e) or isinstance(e, MemoryError):
+                raise OutOfMemory(f"mlx: {str(e).splitlines()[0] if str(e) else 'allocation failed'}") from None
+            raise
         if update:
             self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
             norm = self._update_fn(self._grads)
@@ -391,7 +502,12 @@ class MLXBackend:
     def eval_step(self, tokens: np.ndarray, masks: dict[str, np.ndarray], adapter: bool = True) -> dict[str, float]:
         model = self._need()
         model.eval()
-        inputs, targets = _shifted(tokens)
+        names = list(masks)
+        # one pass over the union of the masks; each mask then weights its own rows
+        union = np.logical_or.reduce([np.asarray(masks[n], dtype=bool) for n in names])
+        inputs, rows, targets, _ = _targets(tokens, union)
+        picked = union[:, 1:]
+        weights = {n: np.asarray(masks[n], dtype=bool)[:, 1:][picked].astype(np.float32) for n in names}
         swapped = []
         if not adapter:  # score the base model: put the frozen base linears back for one pass
             for p, m in self.lora.items():
@@ -399,9 +515,9 @@ class MLXBackend:
                 swapped.append((int(i), rel, m))
                 model.model.layers[int(i)].update_modules(tree_unflatten([(rel, m.linear)]))
         try:
-            logits = model(inputs).astype(mx.float32)
-            ce = nn.losses.cross_entropy(logits, targets, reduction="none")
-            sums = {k: (ce * _weights(v)).sum() for k, v in masks.items()}
+            ce = _nll_rows(_head(model), _rows(model, inputs, rows), targets, ce_chunk_rows(model.args.vocab_size))
+            n = int(picked.sum())
+            sums = {k: (ce[:n] * mx.array(w)).sum() for k, w in weights.items()}
             mx.eval(sums)
         finally:
             for i, rel, m in swapped:
@@ -508,6 +624,70 @@ class MLXBackend:
         self.optimizer.state = tree_map_with_path(lambda k, v: loaded[k], self.optimizer.state)
         mx.eval(self.optimizer.state)
         self._build_fns()  # the compiled update captured the previous state object
+
+    # ---------------------------------------------------------------- generation
+
+    @contextmanager
+    def _base_linears(self) -> Iterator[None]:
+        """The base model: the frozen linears put back in place of the LoRA layers meanwhile."""
+        model = self._need()
+        swapped = []
+        for p, m in self.lora.items():
+            i, rel = p.split(".", 3)[2:]
+            swapped.append((int(i), rel, m))
+            model.model.layers[int(i)].update_modules(tree_unflatten([(rel, m.linear)]))
+        try:
+            yield
+        finally:
+            for i, rel, m in swapped:
+                model.model.layers[i].update_modules(tree_unflatten([(rel, m)]))
+
+    def _last_logits(self, inputs: mx.array, cache: list[Any]) -> np.ndarray:
+        """float32 logits of the last position only: the vocabulary projection of the whole
+        prompt would cost B * T * V floats for nothing."""
+        model = self._need()
+        h = model.model(inputs, cache=cache)[:, -1, :]
+        return np.array(_head(model)(h).astype(mx.float32))
+
+    def generate(self, prompts: list[np.ndarray], max_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0, adapter: bool = True,
+                 should_stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+        """Batched generation with mlx-lm's ``BatchKVCache`` (see ``Backend.generate``).
+
+        The cache takes the left padding per row: its mask hides the pads and its per-row rope
+        offset starts every row's real tokens at position 0, so padding does not change a row.
+        Finished rows are filtered out of the cache. Eval mode (no dropout) while generating.
+        """
+        from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+
+        from mlxtune.generation import check_sampling, decode_loop, left_pad
+
+        model = self._need()
+        check_sampling(temperature, top_p)
+        if not prompts or max_tokens < 1:
+            return [[] for _ in prompts]
+        kinds = {type(c).__name__ for c in make_prompt_cache(model)}
+        if kinds != {KVCache.__name__}:  # sliding-window or other caches: not checked here
+            raise MlxtuneError(f"mlx backend: generation supports plain KV caches only, this model uses {sorted(kinds)}")
+        ids, padding = left_pad(prompts, pad_id)
+        cache = [BatchKVCache(padding.tolist()) for _ in model.layers]
+
+        def step(tokens: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+            if keep is not None:
+                rows = mx.array(keep.astype(np.int32))
+                for c in cache:
+                    c.filter(rows)
+            return self._last_logits(mx.array(tokens.astype(np.int32))[:, None], cache)
+
+        was_training = model.training
+        model.eval()
+        try:
+            with nullcontext() if adapter else self._base_linears():
+                first = self._last_logits(mx.array(ids), cache)
+                return decode_loop(first, step, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                   eos_ids=eos_ids, should_stop=should_stop)
+        finally:
+            model.train(was_training)
 
     # ---------------------------------------------------------------- reporting
 

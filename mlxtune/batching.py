@@ -87,3 +87,30 @@ def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[
     """The whole eval split, sorted by length to pad little; order does not change the sums."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     return [collate([examples[i] for i in order[s:s + batch_size]], pad_id) for s in range(0, len(order), batch_size)]
+
+
+def split_batch(batch: Batch, max_rows: int = 0, max_tokens: int = 0) -> list[Batch]:
+    """A micro batch as forward passes of at most ``max_rows`` rows and ``max_tokens`` tokens
+    (rows x padded length; 0 = no limit), each re-padded to its own longest row.
+
+    The loss is a token-weighted sum over the accumulation window, so splitting changes the
+    memory of a pass, not the result: rows are taken longest first (little padding), and a row
+    is never cut (one row over ``max_tokens`` still gets its own pass).
+    """
+    lengths = batch.full_mask.sum(axis=1) + 1  # full_mask marks every real token after the first
+    n = len(lengths)
+    if (not max_rows or n <= max_rows) and (not max_tokens or n * batch.tokens.shape[1] <= max_tokens):
+        return [batch]
+    order = np.argsort(-lengths, kind="stable")
+    groups: list[list[int]] = [[]]
+    for i in order:
+        group = groups[-1]
+        width = int(lengths[group[0]]) if group else int(lengths[i])  # the first row is the longest
+        if group and ((max_rows and len(group) >= max_rows) or (max_tokens and (len(group) + 1) * width > max_tokens)):
+            groups.append([])
+        groups[-1].append(int(i))
+    out = []
+    for g in groups:
+        width = int(lengths[g[0]])
+        out.append(Batch(batch.tokens[g, :width], batch.mask[g, :width], batch.full_mask[g, :width], batch.epoch))
+    return out

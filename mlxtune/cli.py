@@ -10,9 +10,10 @@ from . import __version__
 from .compare import compare_cmd
 from .doctor import doctor_cmd
 from .errors import MlxtuneError
-from .recipe import load_recipe
+from .planner import plan_cmd
+from .evalcmd import eval_cmd
+from .recipe import SET_HELP, load_recipe
 
-SET_HELP = "Override a recipe key, e.g. --set train.lr=1e-4 (repeatable; values are read as TOML)."
 
 
 class UserError(click.ClickException):
@@ -123,7 +124,9 @@ def keys(markdown: bool) -> None:
         click.echo(text, nl=False)
 
 
+cli.add_command(eval_cmd)
 cli.add_command(compare_cmd)
+cli.add_command(plan_cmd)
 cli.add_command(doctor_cmd)
 
 

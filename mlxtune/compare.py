@@ -1,6 +1,9 @@
-"""`mlxtune compare RUN_A RUN_B`: two runs' losses side by side, with a verdict.
+"""`mlxtune compare RUN...`: runs side by side.
 
-Works for any two run directories (two backends, two machines, two techniques): the per-step
+Every call prints one markdown table with a row per run (backend, technique, trainable
+parameters, final eval losses and perplexity, generation metrics, speed, memory) and can draw
+their loss curves overlaid (``--plot``). With exactly two runs it also compares them step by
+step, with a verdict. That works for any two run directories (two backends, two machines, two techniques): the per-step
 train loss and the eval losses (response-only ``loss`` and full-text ``loss_full``, base model and
 adapter) are matched by step, and the largest absolute and relative deviations are reported.
 A pair agrees when ``|a - b| <= tol + rtol * |b|`` (numpy's ``isclose`` rule; ``rtol`` is 0 by
@@ -130,15 +133,69 @@ def _mem(x: float | None) -> str:
     return "-" if x is None else f"{x / 2**30:.2f} GiB"
 
 
+def summary_row(run: Path) -> dict[str, Any]:
+    """One run's headline numbers, read back from its directory."""
+    events = read_metrics(run)
+    recipe = _recipe(run) or {}
+    start = next((e for e in events if e.get("event") == "start"), {})
+    evals = [e for e in events if e.get("event") == "eval" and e.get("adapter", True)]
+    base = next((e for e in events if e.get("event") == "eval" and not e.get("adapter", True)), None)
+    return {"run": run.name or str(run), "backend": recipe.get("backend", "-"), "method": recipe.get("adapter.method", "-"),
+            "model": recipe.get("model.path", "-"), "trainable": start.get("trainable_parameters"),
+            "final": evals[-1] if evals else {}, "base": base or {}, "speed": _speed(events), "events": events}
+
+
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    from .metrics import reduction_pct
+    from .report import fmt_metric, gen_keys, gen_label, markdown_table
+
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in gen_keys(r["final"]) if k not in keys]
+    header = ["run", "backend", "method", "trainable params", "eval loss (response)", "reduction vs base",
+              "eval loss (full)", "ppl (full)"] + [gen_label(k) for k in keys] + ["train tokens/s", "peak memory"]
+    table = []
+    for r in rows:
+        f, b = r["final"], r["base"]
+        red = f"{reduction_pct(b['loss'], f['loss']):.1f}%" if f.get("loss") is not None and b.get("loss") else "-"
+        table.append([r["run"], str(r["backend"]), str(r["method"]), f"{r['trainable']:,}" if r["trainable"] else "-",
+                      fmt_metric("loss", f.get("loss")), red, fmt_metric("loss_full", f.get("loss_full")),
+                      fmt_metric("ppl_full", f.get("ppl_full"))] + [fmt_metric(k, f.get(k)) for k in keys]
+                     + [_fmt(r["speed"]["tokens_per_s"], 1), _mem(r["speed"]["peak_memory"])])
+    return markdown_table(header, table)
+
+
 @click.command("compare")
-@click.argument("run_a", type=click.Path(exists=True, file_okay=False))
-@click.argument("run_b", type=click.Path(exists=True, file_okay=False))
-@click.option("--tol", default=1e-3, show_default=True, type=float, help="Absolute tolerance on every loss.")
-@click.option("--rtol", default=0.0, show_default=True, type=float, help="Relative tolerance, added as tol + rtol * |b|.")
-@click.option("--all", "show_all", is_flag=True, help="Print every train step (default: the first and last 20 when there are more than 50).")
-def compare_cmd(run_a: str, run_b: str, tol: float, rtol: float, show_all: bool) -> None:
-    """Compare two runs step by step: train loss, eval losses, max deviation and a verdict
-    (exit code 0 when they AGREE within the tolerance, 1 when they DIFFER)."""
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--tol", default=1e-3, show_default=True, type=float, help="Two runs: absolute tolerance on every loss.")
+@click.option("--rtol", default=0.0, show_default=True, type=float, help="Two runs: relative tolerance, added as tol + rtol * |b|.")
+@click.option("--all", "show_all", is_flag=True, help="Two runs: print every train step (default: the first and last 20 when there are more than 50).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the runs' loss curves overlaid to this PNG.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, help="Also write the summary table to this file.")
+def compare_cmd(runs: tuple[str, ...], tol: float, rtol: float, show_all: bool, plot: str | None, markdown_path: str | None) -> None:
+    """Compare runs: one summary table (and --plot for overlaid loss curves). With exactly two
+    runs, also step by step: train loss, eval losses, max deviation and a verdict (exit code 0
+    when they AGREE within the tolerance, 1 when they DIFFER)."""
+    rows = [summary_row(Path(r)) for r in runs]
+    names = [r["run"] for r in rows]
+    if len(set(names)) < len(names):
+        for r, path in zip(rows, runs):
+            r["run"] = str(path)
+    table = summary_markdown(rows)
+    click.echo(table)
+    if markdown_path:
+        Path(markdown_path).write_text(table + "\n", encoding="utf-8")
+    if plot:
+        from .plots import loss_plot
+
+        if loss_plot({r["run"]: r["events"] for r in rows}, Path(plot)) is None:
+            raise MlxtuneError("--plot needs matplotlib: pip install 'mlxtune[eval]'")
+        click.echo(f"plot: {plot}")
+    if len(runs) == 2:
+        _compare_two(runs[0], runs[1], tol, rtol, show_all)
+
+
+def _compare_two(run_a: str, run_b: str, tol: float, rtol: float, show_all: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 

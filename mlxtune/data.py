@@ -25,7 +25,7 @@ FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "text": (("text",), ()),
     "translation": (("source", "target"), ()),
     "cefr_list": (("level", "words", "sentences"), ()),
-    "code": (("problem", "solution"), ()),
+    "code": (("problem", "solution"), ("test", "entry_point")),  # optional: for pass@k (see sandbox.humaneval_program)
 }
 ROLES = ("system", "user", "assistant")
 
@@ -178,6 +178,10 @@ def record_to_messages(rec: dict[str, Any], cfg: DataConfig, source: str = "<dat
         user = cefr_prompt(rec["level"], words)
         answer = "\n".join(f"{i}. {s}" for i, s in enumerate(sents, 1))
     elif fmt == "code":
+        if any(rec.get(k) is not None and not isinstance(rec[k], str) for k in ("test", "entry_point")):
+            raise _field_error(source, row, "'test' and 'entry_point' must be strings", cfg)
+        if rec.get("entry_point") and not rec["entry_point"].isidentifier():
+            raise _field_error(source, row, f"'entry_point' must be a Python function name, got {rec['entry_point']!r}", cfg)
         user = rec["problem"]
         answer = f"```python\n{rec['solution'].rstrip()}\n```"
     else:  # pragma: no cover - the recipe's Literal type rules this out

@@ -8,9 +8,9 @@ import math
 import signal
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .batching import Batch, total_steps, train_stream
+from .batching import Batch, split_batch, total_steps, train_stream
 from .errors import MlxtuneError
 from .recipe import EvalConfig, TrainConfig
 from .rundir import RunDir
@@ -106,29 +106,75 @@ def restore_checkpoint(backend: Backend, run: RunDir) -> dict[str, Any]:
     return state
 
 
+def accumulate_step(backend: Backend, micro: list[Batch], denom: int, lr: float, state: dict[str, Any],
+                    cfg: TrainConfig, run: RunDir, step: int) -> float:
+    """One optimizer step: the micro batches as forward passes of at most ``state["pass_rows"]``
+    rows and ``cfg.max_batch_tokens`` tokens, the update after the last pass; returns the NLL sum.
+
+    When a pass runs out of memory (the backend raises OutOfMemory after discarding the step's
+    gradients), the rows per pass are halved, so accumulation doubles over the same examples and
+    the result is unchanged; an ``oom_backoff`` event goes to metrics.jsonl, the step is retried,
+    and later steps (and a resumed run: the value is in the checkpoint's state) keep the smaller size.
+    """
+    from .memory import OutOfMemory
+
+    while True:
+        rows = state.setdefault("pass_rows", cfg.micro_batch)
+        passes = [p for b in micro for p in split_batch(b, rows, cfg.max_batch_tokens)]
+        try:
+            loss_sum = 0.0
+            for i, p in enumerate(passes):
+                loss_sum += backend.train_step(p.tokens, p.mask, max(denom, 1), update=i == len(passes) - 1, lr=lr)
+            return loss_sum
+        except OutOfMemory as e:
+            widest = max(len(p.tokens) for p in passes)
+            if widest <= 1:
+                raise MlxtuneError(
+                    f"out of memory at step {step} with one example per forward pass ({e}); lower data.max_seq_len, "
+                    "set train.grad_checkpointing = true, or use a smaller or quantized model (mlxtune plan shows what fits)") from None
+            state["pass_rows"] = widest // 2
+            run.log({"event": "oom_backoff", "step": step, "micro_batch": state["pass_rows"],
+                     "grad_accum": cfg.grad_accum * math.ceil(cfg.micro_batch / state["pass_rows"]),
+                     "error": str(e), "time": time.time()})
+
+
 def train(backend: Backend, train_examples: list[Example], eval_set: list[Batch], cfg: TrainConfig,
-          eval_cfg: EvalConfig, run: RunDir, pad_id: int, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train the backend's adapter; returns the summary (base and final eval, best step, speed)."""
+          eval_cfg: EvalConfig, run: RunDir, pad_id: int, resume: bool = False, progress: bool = True,
+          score_fn: Callable[[bool, int], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train the backend's adapter; returns the summary (base and final eval, best step, speed).
+
+    ``score_fn(adapter, step)`` replaces the loss-only eval when given: it returns the losses
+    plus the recipe's generation metrics (see :mod:`mlxtune.evaluation`), and ``best/`` is
+    chosen by any of them (``eval_cfg.best_metric``).
+    """
+    from .evaluation import metric_value
+    from .metrics import is_better
+
+    if score_fn is None:
+        def score_fn(adapter: bool, step: int) -> dict[str, Any]:
+            return evaluate(backend, eval_set, adapter=adapter)
+
     total = total_steps(len(train_examples), cfg.micro_batch, cfg.grad_accum, cfg.epochs, cfg.steps)
     state: dict[str, Any] = {"step": 0, "total": total, "best": None, "best_step": None, "base": None}
     if resume:
         state = restore_checkpoint(backend, run)
         run.log({"event": "resume", "step": state["step"], "time": time.time()})
     stream = train_stream(train_examples, cfg.micro_batch, cfg.seed, cfg.bucket, pad_id, skip=state["step"] * cfg.grad_accum)
-    best_key = "loss" if eval_cfg.best_metric == "eval_loss" else "loss_full"
+    best_name = eval_cfg.best_metric
 
     if eval_cfg.before and state["base"] is None and eval_set:
-        state["base"] = evaluate(backend, eval_set, adapter=False)
+        state["base"] = score_fn(False, 0)
         run.log({"event": "eval", "step": 0, "adapter": False, **state["base"]})
 
-    def run_eval(step: int) -> dict[str, float]:
-        ev = evaluate(backend, eval_set)
+    def run_eval(step: int) -> dict[str, Any]:
+        ev = score_fn(True, step)
         run.log({"event": "eval", "step": step, "adapter": True, **ev})
-        if state["best"] is None or ev[best_key] < state["best"]:
-            state["best"], state["best_step"] = ev[best_key], step
+        value = metric_value(ev, best_name)
+        if value is not None and is_better(best_name, value, state["best"]):
+            state["best"], state["best_step"] = value, step
             with run.atomic_dir("best") as tmp:
                 backend.save_adapter(tmp / "adapter")
-                (tmp / "state.json").write_text(json.dumps({"step": step, "metric": eval_cfg.best_metric, "value": ev[best_key], **ev}, indent=2))
+                (tmp / "state.json").write_text(json.dumps({"step": step, "metric": best_name, "value": value, **ev}, indent=2))
         return ev
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -145,9 +191,7 @@ def train(backend: Backend, train_examples: list[Example], eval_set: list[Batch]
             micro = [next(stream) for _ in range(cfg.grad_accum)]
             denom = sum(b.n_targets for b in micro)
             lr = lr_at(step, total, cfg)
-            loss_sum = 0.0
-            for i, b in enumerate(micro):
-                loss_sum += backend.train_step(b.tokens, b.mask, max(denom, 1), update=i == len(micro) - 1, lr=lr)
+            loss_sum = accumulate_step(backend, micro, denom, lr, state, cfg, run, step + 1)
             dt = time.perf_counter() - t0
             trained_tokens += denom
             loss = loss_sum / max(denom, 1)

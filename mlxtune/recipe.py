@@ -23,6 +23,8 @@ FORMATS = ("chat", "prompt_completion", "alpaca", "text", "translation", "cefr_l
 BUILTIN_TEMPLATES = ("chat", "alpaca", "plain")
 SUPPORTED_METHODS = ("lora",)
 PLANNED_METHODS = ("dora", "qlora", "prefix", "prompt")
+GEN_METRICS = ("bleu", "chrf", "pass@k", "cefr")
+SET_HELP = "Override a recipe key, e.g. --set train.lr=1e-4 (repeatable; values are read as TOML)."
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -38,6 +40,12 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Dtype of the frozen base weights. The adapter and the optimizer state stay float32.")
     device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "torch backend device; `auto` picks CUDA, then MPS, then CPU.")
     trust_remote_code: bool = _f(False, "Allow a hub model's own Python code to run. Off unless you trust the model's repository.")
+    quantize_bits: Literal[0, 4, 8] = _f(0, "Bits per frozen base weight when the base is quantized (0: not quantized; `adapter.method = \"qlora\"` means 4). Read by `mlxtune plan`; training a quantized base is not supported yet.")
+    quantize_group_size: int = _f(64, "Weights per quantization group (scale and offset per group) of a quantized base.")
+
+    def __post_init__(self) -> None:
+        if self.quantize_group_size not in (32, 64, 128):
+            raise ValueError("model.quantize_group_size must be 32, 64 or 128")
 
 
 @dataclass
@@ -113,14 +121,20 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "Decoupled AdamW weight decay.")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
     eps: float = _f(1e-8, "AdamW epsilon.")
-    micro_batch: int = _f(4, "Examples per forward/backward pass.")
+    micro_batch: int | Literal["auto"] = _f(4, "Examples per forward/backward pass, or `\"auto\"`: the memory planner picks the largest that fits `memory_budget` and sets `grad_accum` to keep `effective_batch` (see `mlxtune plan`).")
     grad_accum: int = _f(1, "Micro batches per optimizer step (effective batch = micro_batch x grad_accum).")
+    effective_batch: int = _f(0, "Examples per optimizer step with `micro_batch = \"auto\"` (required there; with a number the effective batch is micro_batch x grad_accum).")
+    memory_budget: str = _f("", "Memory a run may use, e.g. `\"16GB\"` (10^9 bytes) or `\"10GiB\"` (2^30); empty: 70% of unified memory on a Mac, 90% of the GPU's memory on CUDA, 80% of RAM on a CPU. Used by `micro_batch = \"auto\"` and `mlxtune plan`.")
+    max_batch_tokens: int = _f(0, "Most tokens (rows x padded length) in one forward pass: a micro batch over it runs as several passes with the same result (the loss is token-weighted), so a rare long example does not set the memory of every batch. 0: no limit, or the planner's with `micro_batch = \"auto\"`.")
+    grad_checkpointing: bool | Literal["auto"] = _f("auto", "Recompute each block's activations during backward instead of keeping them: much less activation memory for about a third more compute. `\"auto\"`: on only when `micro_batch = \"auto\"` and the planner needs it to fit.")
+    autocast: Literal["off", "bfloat16"] = _f("off", "torch backend: run forward and backward under `torch.autocast` in bfloat16 (fast on CUDA and on CPUs with AVX512-BF16 or AMX); the base weights keep `model.dtype`, the adapter and optimizer state stay float32. Losses then differ from the MLX backend by bf16 rounding, so step-by-step comparisons need `off`. The MLX backend ignores it.")
+    adamw_impl: Literal["auto", "fused", "foreach", "for_loop"] = _f("auto", "torch backend: how AdamW updates the adapter tensors, all with the same maths: `fused` (one kernel), `foreach` (multi-tensor ops) or `for_loop` (one tensor at a time). `auto`: fused on CUDA, foreach elsewhere (on a CPU bit-identical to the loop and several times faster for the hundreds of small tensors of a LoRA). The MLX backend ignores it.")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this value; 0 = off.")
     seed: int = _f(3407, "Seed of adapter init, batch order and dropout.")
     bucket: bool = _f(True, "Group examples of similar length into a batch (less padding); the order stays seeded.")
     eval_every: int = _f(0, "Evaluate on the whole eval split every N steps (0: only at the end).")
     save_every: int = _f(0, "Write a resumable checkpoint every N steps (0: only the final adapter).")
-    keep_checkpoints: int = _f(3, "Keep the newest N checkpoints (best/ is kept apart).")
+    keep_checkpoints: int = _f(3, "Keep the newest N checkpoints (best/ is kept apart); 0 = keep all (to score every one with `mlxtune eval --checkpoints all`).")
     log_every: int = _f(1, "Write the train loss to metrics.jsonl every N steps.")
 
     def __post_init__(self) -> None:
@@ -138,9 +152,24 @@ class TrainConfig:
             raise ValueError("train.lr must be > 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError("train.betas must be two numbers in [0, 1)")
-        for name in ("micro_batch", "grad_accum", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+        if self.keep_checkpoints < 0:
+            raise ValueError("train.keep_checkpoints must be >= 0 (0 = keep all)")
+        for name in ("micro_batch", "grad_accum", "log_every"):
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
+        if self.micro_batch == "auto":
+            if self.effective_batch < 1:
+                raise ValueError('train.micro_batch = "auto" needs train.effective_batch (examples per optimizer step, e.g. 16): the planner splits it into micro batches')
+            if self.grad_accum != 1:
+                raise ValueError('train.micro_batch = "auto" sets grad_accum from the plan: remove train.grad_accum (keep train.effective_batch)')
+        elif self.effective_batch:
+            raise ValueError('train.effective_batch goes with train.micro_batch = "auto"; with a number the effective batch is micro_batch x grad_accum')
+        if self.max_batch_tokens < 0:
+            raise ValueError("train.max_batch_tokens must be >= 0 (0 = no limit)")
+        if self.memory_budget:
+            from .memory import parse_size
+
+            parse_size(self.memory_budget, "train.memory_budget")
         if self.eval_every < 0 or self.save_every < 0 or self.grad_clip < 0:
             raise ValueError("train.eval_every, train.save_every and train.grad_clip must be >= 0")
 
@@ -148,12 +177,45 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = _f(8, "Examples per eval forward pass.")
-    before: bool = _f(True, "Evaluate the base model (adapter off) before training, for the base vs fine-tuned table.")
-    best_metric: Literal["eval_loss", "eval_loss_full"] = _f("eval_loss", "Metric that picks `best/`: response-only (`eval_loss`) or full-text (`eval_loss_full`) eval loss.")
+    before: bool = _f(True, "Evaluate the base model (adapter off) before training, for the base vs fine-tuned table (losses and the generation metrics).")
+    best_metric: str = _f("eval_loss", "Metric that picks `best/`: `eval_loss` (response only), `eval_loss_full` (full text), or a generation metric listed in `metrics` (`bleu`, `chrf`, `cefr`, `pass@1`, ...).")
+    metrics: list[str] = _f([], "Generation metrics computed at every eval (and on the base model with `before`): `bleu` and `chrf` (sacrebleu, against the reference response), `pass@k` (code problems with tests, run in a sandbox), `cefr` (CEFR word-list records).")
+    generate_examples: int = _f(0, "Eval examples used for the generation metrics (the first N of the eval split); 0 = all.")
+    max_new_tokens: int = _f(256, "Most tokens generated per prompt.")
+    temperature: float = _f(0.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = _f(1.0, "Nucleus sampling share (with temperature > 0).")
+    samples: int = _f(1, "Completions per prompt (pass@k needs k <= samples; more than 1 needs temperature > 0).")
+    pass_k: list[int] = _f([1], "The k of pass@k to report.")
+    gen_batch_size: int = _f(8, "Prompts per batched generation call.")
+    stop: list[str] = _f([], "Extra stop strings; generation also stops at the model's end-of-turn token.")
+    seed: int = _f(0, "Seed of sampled generation.")
+    sandbox_timeout: float = _f(10.0, "Wall-clock seconds per code candidate in the pass@k sandbox.")
+    sandbox_memory_mb: int = _f(1024, "Address-space limit per code candidate in MB.")
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("eval.batch_size must be >= 1")
+        if self.batch_size < 1 or self.gen_batch_size < 1 or self.samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.batch_size, eval.gen_batch_size, eval.samples and eval.max_new_tokens must be >= 1")
+        bad = [m for m in self.metrics if m not in GEN_METRICS]
+        if bad:
+            raise ValueError(f"eval.metrics: unknown {', '.join(map(repr, bad))}; choose from " + ", ".join(GEN_METRICS))
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("eval.temperature must be >= 0 and eval.top_p in (0, 1]")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("eval.samples > 1 gives identical greedy completions: set eval.temperature > 0 (e.g. 0.8)")
+        if not self.pass_k or any(k < 1 or k > self.samples for k in self.pass_k):
+            raise ValueError(f"eval.pass_k: every k must be between 1 and eval.samples = {self.samples}")
+        if self.best_metric not in self.metric_names():
+            raise ValueError(
+                f"eval.best_metric = {self.best_metric!r} is not computed by this recipe; choose from "
+                + ", ".join(self.metric_names()) + " (add generation metrics to eval.metrics)"
+            )
+
+    def metric_names(self) -> list[str]:
+        """Every metric an eval of this recipe reports, by the name `best_metric` uses."""
+        names = ["eval_loss", "eval_loss_full"]
+        for m in self.metrics:
+            names += [f"pass@{k}" for k in self.pass_k] if m == "pass@k" else [m]
+        return names
 
 
 @dataclass
@@ -175,11 +237,24 @@ class Recipe:
     source: Path | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
 
     def __post_init__(self) -> None:
+        fmt = self.data.format
+        needs = {"pass@k": ("code",), "cefr": ("cefr_list",)}
+        for m in self.eval.metrics:
+            if m in needs and fmt not in needs[m]:
+                raise ValueError(f'eval.metrics: "{m}" needs data.format = "{needs[m][0]}" (this recipe reads "{fmt}")')
+            if fmt == "text":
+                raise ValueError(f'eval.metrics: "{m}" needs a reference response, which data.format = "text" has not')
+
+    def check_trainable(self) -> None:
+        """Refuse what `mlxtune plan` may describe but training cannot do yet (ValueError)."""
         if self.adapter.method not in SUPPORTED_METHODS:
             raise ValueError(
                 f'adapter.method = "{self.adapter.method}" is not yet supported by this version of '
                 f"mlxtune on any backend (supported: {', '.join(SUPPORTED_METHODS)})"
             )
+        if self.model.quantize_bits:
+            raise ValueError("model.quantize_bits: training on a quantized base is not yet supported by this version of "
+                             "mlxtune (`mlxtune plan` reads it); set it to 0")
 
     @property
     def run_name(self) -> str:
@@ -298,7 +373,10 @@ def _build_section(cls: type, table: dict[str, Any], where: str, prefix: str) ->
         raise MlxtuneError(f"{where}: {e}") from None
 
 
-def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>", source: Path | None = None) -> Recipe:
+def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>", source: Path | None = None,
+                     planning: bool = False) -> Recipe:
+    """The typed recipe. ``planning`` accepts what only `mlxtune plan` can use yet (methods and
+    quantization that training does not support)."""
     top = {k: v for k, v in raw.items() if k not in SECTIONS}
     sections = {}
     for name, cls in SECTIONS.items():
@@ -319,9 +397,12 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>", source: Path 
         if not ok:
             raise MlxtuneError(f"{where}: '{key}' = {value!r} is not {_type_name(hints[key])}")
     try:
-        return Recipe(**top, **sections, source=source)
+        recipe = Recipe(**top, **sections, source=source)
+        if not planning:
+            recipe.check_trainable()
     except ValueError as e:
         raise MlxtuneError(f"{where}: {e}") from None
+    return recipe
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -351,7 +432,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, planning: bool = False) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise MlxtuneError(f"recipe file not found: {path} (give the path to a .toml recipe, e.g. recipes/quickstart.toml)")
@@ -361,7 +442,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise MlxtuneError(f"{path}: TOML syntax error: {e}") from None
     raw = apply_overrides(raw, overrides or [])
     where = str(path) + (" (with --set overrides)" if overrides else "")
-    return recipe_from_dict(raw, where=where, source=path.resolve())
+    return recipe_from_dict(raw, where=where, source=path.resolve(), planning=planning)
 
 
 def reference_markdown() -> str:

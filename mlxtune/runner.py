@@ -13,7 +13,7 @@ from .adapters import init_lora, select_layers
 from .batching import eval_batches
 from .data import Dataset, build_dataset
 from .recipe import Recipe
-from .report import comparison_rows, render_report
+from .report import comparison_rows, write_report
 from .rundir import RunDir
 
 console = Console(stderr=True)
@@ -46,6 +46,21 @@ def prepare(recipe: Recipe) -> tuple[Path, Any, Dataset]:
     return model_dir, tokenizer, data
 
 
+def plan_batches(recipe: Recipe, backend: str, model_dir: Path, data: Dataset) -> Recipe:
+    """The recipe with ``micro_batch = "auto"`` / ``grad_checkpointing = "auto"`` resolved by the
+    memory planner (mlxtune/planner.py) for this data; says what it chose."""
+    from .memory import gib
+    from .models import read_config
+    from .planner import resolve_auto
+
+    recipe, plan = resolve_auto(recipe, backend, read_config(model_dir), [len(e) for e in data.train])
+    if plan is not None:
+        console.print(f"memory plan: micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum}, checkpointing "
+                      f"{'on' if plan.grad_checkpointing else 'off'}, at most {plan.max_batch_tokens} tokens a pass; "
+                      f"predicted peak {gib(plan.estimate.total)} of {gib(plan.budget)} ({plan.budget_note})")
+    return recipe
+
+
 def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe):
     """The backend with the recipe's adapter in place, initialised from the core's weights."""
     from backends import load_backend
@@ -71,6 +86,7 @@ def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False
     console.print(f"data: {stats['train']['examples']} train / {stats['eval']['examples']} eval examples, "
                   f"{stats['train']['tokens']:,} train tokens, length {stats['train']['min_len']}-{stats['train']['max_len']}"
                   + (f", {stats['train']['overlong'] + stats['eval']['overlong']} over max_seq_len ({recipe.data.overlong})" if stats['train']['overlong'] + stats['eval']['overlong'] else ""))
+    recipe = plan_batches(recipe, name, model_dir, data)
     backend = load_backend_with_adapter(name, model_dir, recipe)
     backend.setup_optimizer(recipe)
     run_dir = RunDir.create(target, overwrite=overwrite, resume=resume)
@@ -85,14 +101,31 @@ def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False
         run_dir.log({"event": "start", "step": 0, "backend": info, "model_dir": str(model_dir), "data": stats,
                      "trainable_parameters": backend.trainable_parameters()})
     pad = pad_id(tokenizer)
-    summary = loop.train(backend, data.train, eval_batches(data.eval, recipe.eval.batch_size, pad),
-                         recipe.train, recipe.eval, run_dir, pad, resume=resume, progress=progress)
+    eval_set = eval_batches(data.eval, recipe.eval.batch_size, pad)
+    summary = loop.train(backend, data.train, eval_set, recipe.train, recipe.eval, run_dir, pad, resume=resume,
+                         progress=progress, score_fn=make_score_fn(backend, tokenizer, eval_set, data, recipe, run_dir, progress))
     if resume and summary["base"] is None:
         summary["base"] = next((e for e in run_dir.events() if e["event"] == "eval" and not e["adapter"]), None)
-    run_dir.write_text("report.md", render_report(recipe.run_name, resolved, info, stats, summary))
+    write_report(run_dir.path)
     print_summary(summary)
-    console.print(f"run directory: [bold]{run_dir.path}[/] (adapters/, best/, metrics.jsonl, report.md)")
+    console.print(f"run directory: [bold]{run_dir.path}[/] (adapters/, best/, metrics.jsonl, report.md, loss.png)")
     return run_dir, summary
+
+
+def make_score_fn(backend: Any, tokenizer: Any, eval_set: list, data: Dataset, recipe: Recipe, run_dir: RunDir,
+                  progress: bool):
+    """The loop's eval: losses plus the recipe's generation metrics; outputs go to generations/."""
+    from .evaluation import score, write_generations
+
+    def score_fn(adapter: bool, step: int) -> dict[str, Any]:
+        # the training bar is live after step 0, and rich shows one live display at a time
+        ev, rows = score(backend, tokenizer, eval_set, data.eval_records, recipe, adapter=adapter,
+                         progress=progress and step == 0)
+        if rows:
+            write_generations(run_dir.path / "generations" / ("base.jsonl" if not adapter else f"step-{step:06d}.jsonl"), rows)
+        return ev
+
+    return score_fn
 
 
 def print_summary(summary: dict[str, Any]) -> None:

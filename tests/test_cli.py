@@ -116,11 +116,12 @@ def test_core_imports_no_framework():
     code = (
         "import sys\n"
         "import mlxtune.cli, mlxtune.recipe, mlxtune.data, mlxtune.batching, mlxtune.loop, mlxtune.rundir, "
-        "mlxtune.runner, mlxtune.models, mlxtune.adapters, mlxtune.report, backends\n"
+        "mlxtune.runner, mlxtune.models, mlxtune.adapters, mlxtune.report, mlxtune.evaluation, mlxtune.evalcmd, "
+        "mlxtune.plots, mlxtune.compare, mlxtune.generation, mlxtune.metrics, mlxtune.sandbox, mlxtune.memory, backends\n"
         "from mlxtune.cli import cli\n"
         "from click.testing import CliRunner\n"
         "assert CliRunner().invoke(cli, ['--help']).exit_code == 0\n"
-        "bad = [m for m in ('torch', 'mlx', 'transformers', 'peft', 'datasets') if m in sys.modules]\n"
+        "bad = [m for m in ('torch', 'mlx', 'transformers', 'peft', 'datasets', 'sacrebleu', 'matplotlib', 'cefrpy') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
