@@ -183,7 +183,7 @@ def make_plan(config: dict, setup: Setup, budget: int, effective_batch: int, seq
     found = {c: best(c) for c in options}
     if len(options) == 2:
         plain, ckpt = found[False], found[True]
-        use = False if plain >= min(effective_batch, 4) or plain >= ckpt else True
+        use = not (plain and (plain >= min(effective_batch, 4) or plain >= ckpt))
     else:
         use = options[0]
     micro = found[use]
@@ -246,6 +246,7 @@ def no_fit_message(plan: Plan) -> str:
     return (f"no batch plan fits {gib(plan.budget)} ({plan.budget_note}): one example of {plan.seq_len} tokens needs "
             f"{gib(plan.estimate.total)} with checkpointing {'on' if plan.grad_checkpointing else 'off'}; "
             + (f"the longest sequence that fits is {plan.longest_seq} tokens: lower data.max_seq_len, " if plan.longest_seq else "")
+            + ("set train.grad_checkpointing = true, " if not plan.grad_checkpointing else "")
             + "raise train.memory_budget, or use a smaller or quantized model (mlxtune plan shows the breakdown)")
 
 
