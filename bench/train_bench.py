@@ -76,14 +76,14 @@ def bench_recipe(path: Path, steps: int, warmup: int):
     return recipe
 
 
-def block_range(recipe, n_blocks: int) -> tuple[list[int], int]:
-    """(adapted blocks, mlx-lm's num_layers); mlx-lm can only adapt the last N blocks."""
+def adapted_blocks(recipe, n_blocks: int) -> list[int]:
+    """The blocks the recipe adapts; mlx-lm can only adapt the last N (its ``num_layers``)."""
     from mlxtune.adapters import select_layers
 
     layers = select_layers(n_blocks, recipe.adapter.layers)
     if layers != list(range(n_blocks - len(layers), n_blocks)):
         raise MlxtuneError(f"adapter.layers = {recipe.adapter.layers!r}: mlx-lm adapts only the last N blocks; use \"all\" or an integer")
-    return layers, len(layers)
+    return layers
 
 
 def export_data(data, recipe, work: Path) -> dict[str, Path]:
@@ -102,15 +102,15 @@ def export_data(data, recipe, work: Path) -> dict[str, Path]:
             out.append(msgs)
         return out
 
-    paths = {}
-    (work / "mlx_lm_data").mkdir(parents=True, exist_ok=True)
+    files = {"mlx_lm": work / "mlx_lm_data"}
+    files["mlx_lm"].mkdir(parents=True, exist_ok=True)
     for split, records in (("train", data.train_records), ("eval", data.eval_records)):
         rows = convs(records)
         mlx_name = "valid" if split == "eval" else "train"
-        (work / "mlx_lm_data" / f"{mlx_name}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
-        paths[split] = work / f"trl_{split}.jsonl"
-        paths[split].write_text("".join(json.dumps({"prompt": m[:-1], "completion": m[-1:]}) + "\n" for m in rows))
-    return paths
+        (files["mlx_lm"] / f"{mlx_name}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+        files[f"trl_{split}"] = work / f"trl_{split}.jsonl"
+        files[f"trl_{split}"].write_text("".join(json.dumps({"prompt": m[:-1], "completion": m[-1:]}) + "\n" for m in rows))
+    return files
 
 
 # ------------------------------------------------------------------ processes
@@ -164,25 +164,48 @@ def write_recipe(recipe, path: Path, **changes: Any) -> Path:
     return path
 
 
-def run_mlxtune(name: str, backend: str, recipe, work: Path, plan: list[dict], precision: str) -> dict[str, Any]:
+@dataclasses.dataclass
+class Job:
+    """Everything the variants share, prepared once by the parent process."""
+
+    recipe: Any
+    model_dir: Path
+    layers: list[int]  # adapted blocks
+    n_blocks: int
+    data_files: dict[str, Path]  # trl_train, trl_eval (jsonl), mlx_lm (folder)
+    plan: list[dict[str, int]]  # mlxtune's batches: trained, real and padded tokens per step
+    precision: str  # torch pair: fp32 or bf16
+
+
+def run_variant(name: str, job: Job, out: Path) -> dict[str, Any]:
+    """One variant in its own process, its files under ``out``; returns its measurements."""
+    out.mkdir(parents=True, exist_ok=True)
+    backend, who = VARIANTS[name]
+    if who == "mlxtune":
+        return run_mlxtune(name, backend, job, out)
+    return run_mlx_lm(job, out) if name == "mlx_lm" else run_trl(job, out)
+
+
+def run_mlxtune(name: str, backend: str, job: Job, out: Path) -> dict[str, Any]:
     from mlxtune.rundir import read_metrics
 
-    path = write_recipe(recipe, work / f"{name}.toml", backend=backend, output={"dir": str(work), "name": name},
-                        train_extra=torch_switches(precision) if backend == "torch" else {})
+    path = write_recipe(job.recipe, out / f"{name}.toml", backend=backend, output={"dir": str(out), "name": name},
+                        train_extra=torch_switches(job.precision) if backend == "torch" else {})
     cmd = [sys.executable, "-m", "mlxtune", "run", str(path), "--overwrite", "--no-progress"]
-    proc = run_child(cmd, backend == "mlx", work / f"{name}.log")
-    events = read_metrics(work / name)
+    proc = run_child(cmd, backend == "mlx", out / f"{name}.log")
+    events = read_metrics(out / name)
     train = [e for e in events if e["event"] == "train"]
     steps = []
-    for e, b in zip(train, plan):
+    for e, b in zip(train, job.plan):
         if e["tokens"] != b["trained"]:
             raise MlxtuneError(f"{name}: step {e['step']} trained {e['tokens']} tokens, the batch plan says {b['trained']}")
         steps.append({"seconds": e["tokens"] / e["tokens_per_s"], "loss": e["loss"], **b})
     evals = [e for e in events if e["event"] == "eval" and e.get("adapter")]
     end = next(e for e in events if e["event"] == "end")
     return {**proc, "steps": steps, "eval_loss_own": evals[-1]["loss"] if evals else None,
-            "peak_framework": end["peak_memory"], "adapter_dir": str(work / name / "adapters"),
-            "settings": {"precision": precision if backend == "torch" else recipe.model.dtype, "recipe": str(path)}}
+            "peak_framework": end["peak_memory"], "adapter_dir": str(out / name / "adapters"),
+            "settings": {"precision": job.precision, **torch_switches(job.precision)} if backend == "torch"
+            else {"precision": job.recipe.model.dtype}}
 
 
 def torch_switches(precision: str) -> dict[str, Any]:
@@ -190,53 +213,50 @@ def torch_switches(precision: str) -> dict[str, Any]:
     from mlxtune.recipe import TrainConfig
 
     keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    out: dict[str, Any] = {}
     if "autocast" in keys:
-        out["autocast"] = "bfloat16" if precision == "bf16" else "off"
-    elif precision == "bf16":
+        return {"autocast": "bfloat16" if precision == "bf16" else "off"}
+    if precision == "bf16":
         raise MlxtuneError("--precision bf16: this mlxtune has no train.autocast key")
-    return out
+    return {}
 
 
-def run_mlx_lm(recipe, model_dir: Path, work: Path, n_layers: int) -> dict[str, Any]:
-    t, a = recipe.train, recipe.adapter
+def run_mlx_lm(job: Job, out: Path) -> dict[str, Any]:
+    t, a = job.recipe.train, job.recipe.adapter
     config = {
-        "model": str(model_dir), "train": True, "data": str(work / "mlx_lm_data"), "fine_tune_type": "lora",
+        "model": str(job.model_dir), "train": True, "data": str(job.data_files["mlx_lm"]), "fine_tune_type": "lora",
         "optimizer": "adamw", "optimizer_config": {"adamw": {
             "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay, "bias_correction": True}},
-        "seed": t.seed, "num_layers": n_layers, "batch_size": t.micro_batch, "iters": t.steps,
+        "seed": t.seed, "num_layers": len(job.layers), "batch_size": t.micro_batch, "iters": t.steps,
         "val_batches": -1, "learning_rate": t.lr, "steps_per_report": 1, "steps_per_eval": t.steps,
-        "save_every": t.steps, "adapter_path": str(work / "mlx_lm" / "adapters"),
-        "max_seq_length": recipe.data.max_seq_len, "grad_accumulation_steps": 1, "mask_prompt": True,
+        "save_every": t.steps, "adapter_path": str(out / "mlx_lm_adapters"),
+        "max_seq_length": job.recipe.data.max_seq_len, "grad_accumulation_steps": 1, "mask_prompt": True,
         "lora_parameters": {"rank": a.rank, "scale": a.scale, "dropout": a.dropout,
                             "keys": [MLX_KEYS[m] for m in a.target_modules]},
     }
-    cfg_path = work / "mlx_lm_lora.yaml"
+    cfg_path, result = out / "mlx_lm_lora.yaml", out / "mlx_lm.json"
     cfg_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
-    out = work / "mlx_lm.json"
-    cmd = [sys.executable, str(HERE / "mlx_lm_lora.py"), str(out), "--config", str(cfg_path)]
-    proc = run_child(cmd, True, work / "mlx_lm.log")
-    return {**proc, **json.loads(out.read_text()), "adapter_dir": config["adapter_path"],
+    proc = run_child([sys.executable, str(HERE / "mlx_lm_lora.py"), str(result), "--config", str(cfg_path)], True, out / "mlx_lm.log")
+    return {**proc, **json.loads(result.read_text()), "adapter_dir": config["adapter_path"],
             "settings": {k: v for k, v in config.items() if k not in ("model", "data", "adapter_path")}}
 
 
-def run_trl(recipe, model_dir: Path, work: Path, layers: list[int], n_blocks: int, paths: dict[str, Path],
-            precision: str) -> dict[str, Any]:
-    t, a = recipe.train, recipe.adapter
+def run_trl(job: Job, out: Path) -> dict[str, Any]:
+    t, a = job.recipe.train, job.recipe.adapter
     config = {
-        "model": str(model_dir), "train": str(paths["train"]), "eval": str(paths["eval"]), "work": str(work / "trl"),
-        "adapter_dir": str(work / "trl" / "adapter"), "rank": a.rank, "alpha": a.alpha, "dropout": a.dropout,
-        "target_modules": list(a.target_modules), "layers": None if len(layers) == n_blocks else layers,
-        "steps": t.steps, "micro_batch": t.micro_batch, "eval_batch": recipe.eval.batch_size, "lr": t.lr,
+        "model": str(job.model_dir), "train": str(job.data_files["trl_train"]), "eval": str(job.data_files["trl_eval"]),
+        "work": str(out / "trl"), "adapter_dir": str(out / "trl_adapter"), "rank": a.rank, "alpha": a.alpha,
+        "dropout": a.dropout, "target_modules": list(a.target_modules),
+        "layers": None if len(job.layers) == job.n_blocks else job.layers,
+        "steps": t.steps, "micro_batch": t.micro_batch, "eval_batch": job.recipe.eval.batch_size, "lr": t.lr,
         "weight_decay": t.weight_decay, "betas": list(t.betas), "eps": t.eps, "seed": t.seed,
-        "max_seq_len": recipe.data.max_seq_len, "precision": precision,
+        "max_seq_len": job.recipe.data.max_seq_len, "precision": job.precision,
     }
-    cfg_path, out = work / "trl_config.json", work / "trl.json"
+    cfg_path, result = out / "trl_config.json", out / "trl.json"
     cfg_path.write_text(json.dumps(config, indent=1))
-    proc = run_child([sys.executable, str(HERE / "trl_sft.py"), str(cfg_path), str(out)], False, work / "trl.log")
-    result = json.loads(out.read_text())
-    result["settings"] = {**result.get("settings", {}), "precision": precision}
-    return {**proc, **result, "adapter_dir": config["adapter_dir"]}
+    proc = run_child([sys.executable, str(HERE / "trl_sft.py"), str(cfg_path), str(result)], False, out / "trl.log")
+    measured = json.loads(result.read_text())
+    measured["settings"] = {**measured.get("settings", {}), "precision": job.precision}
+    return {**proc, **measured, "adapter_dir": config["adapter_dir"]}
 
 
 # ------------------------------------------------------------------ common scorer
@@ -306,8 +326,9 @@ def pick_precision(choice: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=str(HERE / "bench.toml"), help="mlxtune recipe of the job (default: bench/bench.toml)")
-    p.add_argument("--steps", type=int, default=16, help="timed optimizer steps per variant")
-    p.add_argument("--warmup", type=int, default=3, help="steps run first and left out of the speed numbers")
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant and round")
+    p.add_argument("--warmup", type=int, default=2, help="steps run first and left out of the speed numbers")
+    p.add_argument("--rounds", type=int, default=2, help="runs of every variant (order reversed each round); the fastest counts")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
                    help="torch variants (both sides): fp32, or bf16 autocast (TRL bf16=True, mlxtune train.autocast)")
@@ -321,15 +342,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
-    if unknown or args.steps < 1 or args.warmup < 0:
-        p.error(f"unknown variant(s) {unknown}" if unknown else "--steps must be >= 1 and --warmup >= 0")
+    if unknown or args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error(f"unknown variant(s) {unknown}" if unknown else "--steps and --rounds must be >= 1, --warmup >= 0")
     skipped = {v: "mlx is not installed" for v in names if VARIANTS[v][0] == "mlx" and not has_module("mlx")}
     names = [v for v in names if v not in skipped]
     precision = pick_precision(args.precision)
     work = Path(args.work or tempfile.mkdtemp(prefix="mlxtune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = bench(Path(args.recipe), names, args.steps, args.warmup, precision, work)
+        result = bench(Path(args.recipe), names, args.steps, args.warmup, args.rounds, precision, work)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -337,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{stamp}-{args.machine or machine_name()}"
+    # one file per machine and day; a bf16 run of the torch pair gets its own
+    stem = out / (f"{stamp}-{args.machine or machine_name()}" + ("-bf16" if precision == "bf16" else ""))
     table = markdown(result)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(table)
@@ -346,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def bench(recipe_path: Path, names: list[str], steps: int, warmup: int, precision: str, work: Path) -> dict[str, Any]:
+def prepare_job(recipe_path: Path, steps: int, warmup: int, precision: str, work: Path) -> tuple[Job, Any]:
+    """The checked recipe, the model, the data files of the raw tools and mlxtune's batch plan."""
     from mlxtune.batching import train_stream
     from mlxtune.models import read_config
     from mlxtune.runner import pad_id, prepare
@@ -354,38 +377,46 @@ def bench(recipe_path: Path, names: list[str], steps: int, warmup: int, precisio
     recipe = bench_recipe(recipe_path, steps, warmup)
     model_dir, tokenizer, data = prepare(recipe)
     n_blocks = int(read_config(model_dir)["num_hidden_layers"])
-    layers, n_layers = block_range(recipe, n_blocks)
-    paths = export_data(data, recipe, work)
+    layers = adapted_blocks(recipe, n_blocks)
     t = recipe.train
     stream = train_stream(data.train, t.micro_batch, t.seed, t.bucket, pad_id(tokenizer))
     plan = []
     for _ in range(t.steps):  # mlxtune's batches, rebuilt here for their padded size
         b = next(stream)
         plan.append({"trained": b.n_targets, "real": int(b.full_mask.sum()) + len(b.tokens), "padded": int(b.tokens.size)})
+    return Job(recipe, model_dir, layers, n_blocks, export_data(data, recipe, work), plan, precision), data
+
+
+def bench(recipe_path: Path, names: list[str], steps: int, warmup: int, rounds: int, precision: str, work: Path) -> dict[str, Any]:
+    """Every variant ``rounds`` times, the order reversed every other round so that a change in
+    the machine's load hits both sides of a pair alike; each variant keeps its fastest round."""
+    job, data = prepare_job(recipe_path, steps, warmup, precision, work)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip() if shutil.which("uptime") else ""
-    variants: dict[str, Any] = {}
-    for name in names:
-        backend, who = VARIANTS[name]
-        print(f"[bench] {name} ({backend}, {t.steps} steps) ...", flush=True)
-        if who == "mlxtune":
-            variants[name] = run_mlxtune(name, backend, recipe, work, plan, precision)
-        elif name == "mlx_lm":
-            variants[name] = run_mlx_lm(recipe, model_dir, work, n_layers)
-        else:
-            variants[name] = run_trl(recipe, model_dir, work, layers, n_blocks, paths, precision)
-        variants[name].update(summarize(variants[name]["steps"], warmup))
-        v = variants[name]
-        print(f"[bench] {name}: {v['trained_tok_s']:.1f} trained tok/s, {v['wall_s']:.0f} s", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            print(f"[bench] round {r + 1}/{rounds}: {name} ({job.recipe.train.steps} steps) ...", flush=True)
+            v = run_variant(name, job, work / f"round{r + 1}")
+            v.update(summarize(v["steps"], warmup))
+            runs[name].append(v)
+            print(f"[bench] {name}: {v['trained_tok_s']:.1f} trained tok/s, load {v['load_before']:.1f}, {v['wall_s']:.0f} s", flush=True)
+    variants = {}
+    for name, tries in runs.items():
+        best = max(tries, key=lambda v: v["trained_tok_s"])
+        best["rounds"] = [{k: v[k] for k in ("trained_tok_s", "step_time_s", "load_before", "load_after", "wall_s",
+                                             "peak_framework", "peak_rss_wait4")} for v in tries]
+        variants[name] = best
     if variants:
-        run_scorer(recipe, variants, work)
+        run_scorer(job.recipe, variants, work)
+    t = job.recipe.train
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "uptime": uptime,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version()},
-        "versions": versions(), "recipe": str(recipe_path), "warmup_steps": warmup, "timed_steps": steps,
-        "precision_torch": precision, "model_dir": str(model_dir),
-        "job": {"train_examples": len(data.train), "eval_examples": len(data.eval), "rank": recipe.adapter.rank,
-                "alpha": recipe.adapter.alpha, "target_modules": recipe.adapter.target_modules, "layers": layers,
-                "micro_batch": t.micro_batch, "max_seq_len": recipe.data.max_seq_len, "lr": t.lr, "steps": t.steps},
+        "versions": versions(), "recipe": str(recipe_path), "warmup_steps": warmup, "timed_steps": steps, "rounds": rounds,
+        "precision_torch": precision, "model_dir": str(job.model_dir),
+        "job": {"train_examples": len(data.train), "eval_examples": len(data.eval), "rank": job.recipe.adapter.rank,
+                "alpha": job.recipe.adapter.alpha, "target_modules": job.recipe.adapter.target_modules, "layers": job.layers,
+                "micro_batch": t.micro_batch, "max_seq_len": job.recipe.data.max_seq_len, "lr": t.lr, "steps": t.steps},
         "variants": variants, "ratios": ratios(variants),
     }
 

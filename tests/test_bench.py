@@ -144,12 +144,12 @@ def test_autocast_bf16_trains_close_to_fp32(bench_toml):
 
 
 def test_harness_runs_every_variant_on_the_tiny_model(bench_toml, tmp_path):
-    """Two steps of each variant in their own processes, the common scorer, the result files.
+    """Two steps of each variant (one round) in their own processes, the common scorer, the result files.
     Timings are not checked: only that every number was measured and is consistent."""
     pytest.importorskip("trl")
     out = tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "bench" / "train_bench.py"), "--recipe", str(bench_toml()), "--steps", "1",
-           "--warmup", "1", "--out", str(out), "--work", str(tmp_path / "work"), "--machine", "test"]
+           "--warmup", "1", "--rounds", "1", "--out", str(out), "--work", str(tmp_path / "work"), "--machine", "test"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result_file,) = out.glob("*-test.json")
