@@ -109,10 +109,12 @@ def chunked_nll_rows(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch
 
 
 def adamw_impl(choice: str, device: torch.device) -> str:
-    """``train.adamw_impl`` resolved: ``auto`` is fused on CUDA, foreach elsewhere. torch's own
-    default on a CPU is the one-tensor-at-a-time loop: for the 420 small tensors of a rank-16 LoRA
-    on SmolLM2 that is about 8x slower than foreach (350 vs 44 ms per update on 2 cores), with
-    bit-identical results."""
+    """``train.adamw_impl`` resolved: ``auto`` is fused on CUDA, foreach elsewhere.
+
+    On a CPU torch's own default is the one-tensor-at-a-time loop; foreach gives bit-identical
+    results (so the parity tests are unaffected) and, for the 420 small tensors of a rank-16 LoRA
+    on SmolLM2 on 2 cores, 20 ms per update on an idle machine (loop 19 ms, fused 6 ms but not
+    bit-identical) and 44 ms on a busy one, where the loop's many small parallel ops took 350 ms."""
     if choice == "auto":
         return "fused" if device.type == "cuda" else "foreach"
     return choice

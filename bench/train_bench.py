@@ -1,7 +1,7 @@
 """mlxtune against the raw tools a user would otherwise run: one command, four variants, ratios.
 
-    python bench/train_bench.py                          # CPU, embedded SmolLM2-135M: ~12 minutes
-    python bench/train_bench.py --steps 3 --warmup 1     # a quick look
+    python bench/train_bench.py                                # CPU, embedded SmolLM2-135M: ~11 minutes
+    python bench/train_bench.py --steps 3 --warmup 1 --rounds 1   # a quick look
 
 One mlxtune recipe (``bench/bench.toml``) is turned into the configuration of each variant, so
 model, data split, LoRA rank/alpha/targets/layers, sequence limit, micro batch, steps and
@@ -12,8 +12,9 @@ optimizer settings are the same by construction:
   mlxtune-torch  ``mlxtune run --backend torch``  (c)
   trl            a plain TRL SFTTrainer + peft script, ``bench/trl_sft.py``  (d)
 
-Each variant runs in a fresh process, one after another; MLX processes get Debian's OpenBLAS
-in ``LD_PRELOAD``, torch processes never do. The first ``--warmup`` steps are left out of the
+Each variant runs in a fresh process, one after another, ``--rounds`` times (the order
+reversed every other round; the fastest round counts); MLX processes get Debian's OpenBLAS in
+``LD_PRELOAD``, torch processes never do. The first ``--warmup`` steps are left out of the
 speed numbers. At the end one scorer process computes the response-only eval loss of every
 variant's adapter with mlxtune's evaluator, so the four eval losses mean the same thing.
 Results: ``bench/results/<date>-<machine>.json`` and ``.md``. See ``bench/README.md``.
@@ -209,15 +210,8 @@ def run_mlxtune(name: str, backend: str, job: Job, out: Path) -> dict[str, Any]:
 
 
 def torch_switches(precision: str) -> dict[str, Any]:
-    """The torch backend's performance keys for this run (see bench/README.md)."""
-    from mlxtune.recipe import TrainConfig
-
-    keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    if "autocast" in keys:
-        return {"autocast": "bfloat16" if precision == "bf16" else "off"}
-    if precision == "bf16":
-        raise MlxtuneError("--precision bf16: this mlxtune has no train.autocast key")
-    return {}
+    """The torch backend's recipe keys for the pair's precision (TRL gets ``bf16=`` to match)."""
+    return {"autocast": "bfloat16" if precision == "bf16" else "off"}
 
 
 def run_mlx_lm(job: Job, out: Path) -> dict[str, Any]:
