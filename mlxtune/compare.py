@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from .errors import MlxtuneError
-from .rundir import read_metrics
+from .rundir import read_metrics, split_events
 
 EVAL_FIELDS = ("loss", "loss_full")
 
@@ -137,9 +137,7 @@ def summary_row(run: Path) -> dict[str, Any]:
     """One run's headline numbers, read back from its directory."""
     events = read_metrics(run)
     recipe = _recipe(run) or {}
-    start = next((e for e in events if e.get("event") == "start"), {})
-    evals = [e for e in events if e.get("event") == "eval" and e.get("adapter", True)]
-    base = next((e for e in events if e.get("event") == "eval" and not e.get("adapter", True)), None)
+    start, base, evals = split_events(events)
     return {"run": run.name or str(run), "backend": recipe.get("backend", "-"), "method": recipe.get("adapter.method", "-"),
             "model": recipe.get("model.path", "-"), "trainable": start.get("trainable_parameters"),
             "final": evals[-1] if evals else {}, "base": base or {}, "speed": _speed(events), "events": events}

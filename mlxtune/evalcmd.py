@@ -27,17 +27,15 @@ def targets(run: Path, adapter: str | None, only_base: bool, checkpoints: str | 
                            "give --adapter PATH, or use --base to score the base model")
     end = next((e for e in reversed(read_metrics(run)) if e.get("event") == "end"), None)
     final = (run / "adapters").is_dir()
+    best = []
+    if (run / "best" / "adapter").is_dir():
+        best = [("best", int(json.loads((run / "best" / "state.json").read_text())["step"]), run / "best" / "adapter")]
     if checkpoints == "all":
-        for step, path in RunDir(run).checkpoints():
-            out.append((f"step-{step}", step, path / "adapter"))
-        if (run / "best" / "adapter").is_dir():
-            state = json.loads((run / "best" / "state.json").read_text())
-            out.append(("best", int(state["step"]), run / "best" / "adapter"))
+        out += [(f"step-{step}", step, path / "adapter") for step, path in RunDir(run).checkpoints()] + best
     if checkpoints == "best":
-        if not (run / "best" / "adapter").is_dir():
+        if not best:
             raise MlxtuneError(f"{run}/best is missing (the run has no eval yet)")
-        state = json.loads((run / "best" / "state.json").read_text())
-        return out + [("best", int(state["step"]), run / "best" / "adapter")]
+        return out + best
     if final:
         out.append(("final", int(end["steps"]) if end else None, run / "adapters"))
     if len(out) == (1 if with_base else 0):

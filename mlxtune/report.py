@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .rundir import read_metrics
+from .rundir import read_metrics, split_events
 
 # generation metrics: key -> (label, shown as a percentage of 1)
 GEN_ROWS = {
@@ -157,10 +157,8 @@ def build_report(run: Path) -> str:
         recipe = tomllib.loads((run / "recipe.resolved.toml").read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError):
         recipe = {}
-    start = next((e for e in events if e.get("event") == "start"), {})
+    start, base, evals = split_events(events)
     end = next((e for e in reversed(events) if e.get("event") == "end"), None)
-    evals = [e for e in events if e.get("event") == "eval" and e.get("adapter", True)]
-    base = next((e for e in events if e.get("event") == "eval" and not e.get("adapter", True)), None)
     m, a, t, ev = (recipe.get(k, {}) for k in ("model", "adapter", "train", "eval"))
     lines = [f"# mlxtune run: {run.name}", ""]
     if m:

@@ -119,3 +119,10 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
             continue  # a line cut short by a crash
     return events
 
+
+def split_events(events: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
+    """(start event or {}, base-model eval or None, adapter evals in order) of a run's events."""
+    start = next((e for e in events if e.get("event") == "start"), {})
+    base = next((e for e in events if e.get("event") == "eval" and not e.get("adapter", True)), None)
+    evals = [e for e in events if e.get("event") == "eval" and e.get("adapter", True)]
+    return start, base, evals

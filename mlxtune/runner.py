@@ -14,7 +14,7 @@ from .batching import eval_batches
 from .data import Dataset, build_dataset
 from .recipe import Recipe
 from .report import comparison_rows, write_report
-from .rundir import RunDir
+from .rundir import RunDir, split_events
 
 console = Console(stderr=True)
 
@@ -105,7 +105,7 @@ def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False
     summary = loop.train(backend, data.train, eval_set, recipe.train, recipe.eval, run_dir, pad, resume=resume,
                          progress=progress, score_fn=make_score_fn(backend, tokenizer, eval_set, data, recipe, run_dir, progress))
     if resume and summary["base"] is None:
-        summary["base"] = next((e for e in run_dir.events() if e["event"] == "eval" and not e["adapter"]), None)
+        summary["base"] = split_events(run_dir.events())[1]
     write_report(run_dir.path)
     print_summary(summary)
     console.print(f"run directory: [bold]{run_dir.path}[/] (adapters/, best/, metrics.jsonl, report.md, loss.png)")
