@@ -37,7 +37,14 @@ class Backend(Protocol):
 
     Adapter weights cross as a dict keyed ``"<module path>.lora_A"`` (rank, in) and
     ``"<module path>.lora_B"`` (out, rank), the module path as in the Hugging Face model
-    (``model.layers.0.self_attn.q_proj``).
+    (``model.layers.0.self_attn.q_proj``); DoRA adds ``"<module path>.lora_magnitude"`` (out,),
+    which ``set_adapter_weights`` initialises from the base weights when the dict leaves it out.
+
+    Prompt and prefix tuning (``adapter.method = "prompt" | "prefix"``): the weights cross in PEFT's
+    prompt-encoder names and layout (``embedding.weight``, and ``transform.0/2.weight/bias`` for
+    the projection MLP; ``mlxtune/virtual.py``), ``adapter_shapes`` returns name -> shape, the
+    token arrays and masks still describe the real tokens only (the virtual tokens are in front
+    of every row and never carry loss), and adapters are saved in PEFT's format on both backends.
     """
 
     name: str
@@ -47,8 +54,9 @@ class Backend(Protocol):
         """Load the base model and tokenizer-independent weights, and add the recipe's adapter
         to ``recipe.adapter.target_modules`` in the blocks ``layers``."""
 
-    def adapter_shapes(self) -> dict[str, tuple[int, int]]:
-        """Module path -> (in_features, out_features) of every adapted linear layer."""
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Module path -> (in_features, out_features) of every adapted linear layer; for prompt
+        and prefix tuning, weight name -> shape (``mlxtune.virtual.VirtualSpec.shapes``)."""
 
     def set_adapter_weights(self, weights: dict[str, np.ndarray]) -> None: ...
 
@@ -101,7 +109,7 @@ class Backend(Protocol):
         """Peak memory in bytes since load (see the backend's docstring for what is measured)."""
 
     def describe(self) -> dict[str, str]:
-        """Device, dtype and framework versions, for the run's report."""
+        """Device, dtype, framework versions and the base's quantization, for the run's report."""
 
 
 def default_backend() -> str:

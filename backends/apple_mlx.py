@@ -12,6 +12,22 @@ Parity with the torch backend (DESIGN.md section 5) rests on these choices:
   ``scale = alpha / rank`` (not mlx-lm's default 20) and the recipe's dropout; the initial
   weights come from the core (``set_adapter_weights``; mlx-lm keeps ``lora_a`` as (in, r) and
   ``lora_b`` as (r, out), the transposes of PEFT's ``lora_A``/``lora_B``).
+- **DoRA** (``adapter.method = "dora"``): mlx-lm's ``DoRALinear`` with peft's arithmetic, checked
+  against peft in the tests: output ``g * (W x + s B A x) + bias`` with ``g = m / ||W + s B A||``
+  per output row, the norm detached (not differentiated), ``m`` initialised to the row norms of
+  ``W + s B A`` (of W, as B starts at 0). With dropout, peft feeds the dropped input to the
+  magnitude-scaled part only: ``W x + (g - 1) W drop(x) + g s B A drop(x)``, where mlx-lm writes
+  ``g (W x + s B A drop(x))``; :func:`_dora_class` follows peft. ``m`` crosses the backend
+  boundary as ``<module>.lora_magnitude`` and is saved as mlx-lm's ``<module>.m``.
+- **Prompt / prefix tuning** (``adapter.method = "prompt" | "prefix"``): no LoRA layers; PEFT's
+  maths implemented in ``backends/mlx_virtual.py`` (virtual embeddings before the tokens, or
+  per-layer key/value prefixes in the attention cache), saved in PEFT's format.
+- **Quantized base** (``qlora``, or ``model.quantize_bits`` > 0): after loading, every layer with
+  ``to_quantized`` (the projections, the embedding, the head, as the memory planner assumes) is
+  quantized with ``mlx.nn.quantize`` (affine, ``quantize_bits``, ``quantize_group_size``), then
+  the adapters wrap the ``QuantizedLinear`` layers; a folder already quantized by mlx-lm
+  (``"quantization"`` in config.json) is loaded as it is. Base-model passes ("adapter off") use
+  the same quantized layers. MLX's quantized matmuls are slow on the CPU (a few GFLOP/s).
 - **Same loss.** ``logits[:, :-1]`` against ``tokens[:, 1:]`` weighted by ``mask[:, 1:]``,
   cross-entropy in float32, summed; the step differentiates ``sum / denom`` and accumulates
   gradients over micro-batches, so the loss is token-weighted across the accumulation window.
@@ -51,8 +67,18 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
+from mlxtune.adapters import MAGNITUDE, check_adapter, check_weight_keys, read_adapter
 from mlxtune.errors import MlxtuneError
 from mlxtune.memory import OutOfMemory, ce_chunk_rows, is_out_of_memory
+from mlxtune.models import read_config
+from mlxtune.quantization import base_bits, mlx_label
+from mlxtune.recipe import VIRTUAL_METHODS
+from mlxtune.virtual import VirtualSpec, load_virtual, save_virtual
+
+from .mlx_virtual import VirtualTokens
+from .mlx_virtual import attach as attach_virtual
+from .mlx_virtual import body as virtual_body
+from .mlx_virtual import generation_cache as virtual_generation_cache
 
 if TYPE_CHECKING:
     from mlxtune.recipe import Recipe
@@ -133,8 +159,10 @@ def mlx_model_config(model_dir: Path) -> tuple[str, dict[str, Any]]:
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}; each one is checked against "
             "transformers' logits in the test suite); use --backend torch"
         )
-    if "quantization" in raw or "quantization_config" in raw:
-        raise MlxtuneError(f"{raw_path}: quantized checkpoints are not supported by the mlx backend yet")
+    if "quantization_config" in raw and "quantization" not in raw:  # mlx-lm writes both; HF formats (GPTQ, AWQ, bnb) only the second
+        method = (raw["quantization_config"] or {}).get("quant_method", "unknown")
+        raise MlxtuneError(f"{raw_path}: a {method}-quantized checkpoint cannot be trained by the mlx backend; name the "
+                           "unquantized model and set model.quantize_bits (quantized at load), or an mlx-lm quantized folder")
     hf = _hf_config(model_dir)
     act = getattr(hf, "hidden_act", "silu")
     if act != "silu":
@@ -220,7 +248,7 @@ def _targets(tokens: np.ndarray, mask: np.ndarray) -> tuple[mx.array, mx.array, 
 
 def _rows(model: nn.Module, inputs: mx.array, rows: mx.array) -> mx.array:
     """Final hidden states [len(rows), d] of the selected positions: the head runs on these only."""
-    h = model.model(inputs)
+    h = virtual_body(model, inputs)  # model.model(inputs), behind the prompt/prefix if there is one
     return h.reshape(-1, h.shape[-1])[rows]
 
 
@@ -319,8 +347,67 @@ def _compile_default() -> bool:
     return mx.default_device().type == mx.gpu
 
 
+_DORA: list[type] = []
+
+
+def _dora_class() -> type:
+    """mlx-lm's ``DoRALinear`` computing what peft's DoRA computes (module docstring), built on
+    first use because importing mlx_lm takes seconds."""
+    if _DORA:
+        return _DORA[0]
+    from mlx_lm.tuner.dora import DoRALinear
+
+    class PeftDoRALinear(DoRALinear):
+        @classmethod
+        def wrap(cls, linear: nn.Module, r: int, dropout: float, scale: float) -> PeftDoRALinear:
+            # DoRALinear.from_base builds a DoRALinear, not the subclass
+            out_dims, in_dims = linear.weight.shape
+            if isinstance(linear, nn.QuantizedLinear):
+                in_dims = in_dims * 32 // linear.bits
+            layer = cls(input_dims=in_dims, output_dims=out_dims, r=r, dropout=dropout, scale=scale)
+            layer.set_linear(linear)
+            layer.dropout_p = dropout
+            return layer
+
+        def magnitude_init(self) -> mx.array:
+            """Row norms of W + scale * B @ A, as peft initialises the magnitude."""
+            w = self._dequantized_weight().astype(mx.float32)
+            return mx.linalg.norm(w + (self.scale * self.lora_b.T) @ self.lora_a.T, axis=1)
+
+        def __call__(self, x: mx.array) -> mx.array:
+            w = self._dequantized_weight()
+            adapted = w + (self.scale * self.lora_b.T) @ self.lora_a.T
+            g = (self.m / mx.stop_gradient(mx.linalg.norm(adapted, axis=1))).astype(x.dtype)
+            y = x @ w.T
+            if self.training and getattr(self, "dropout_p", 0.0) > 0:
+                xd = self.dropout(x)
+                lora = (self.scale * ((xd @ self.lora_a) @ self.lora_b)).astype(x.dtype)
+                out = y + (g - 1) * (xd @ w.T) + g * lora
+            else:
+                out = g * (y + (self.scale * ((x @ self.lora_a) @ self.lora_b)).astype(x.dtype))
+            if "bias" in self.linear:
+                out = out + self.linear.bias
+            return out
+
+    _DORA.append(PeftDoRALinear)
+    return PeftDoRALinear
+
+
+def _quantize_base(model: nn.Module, bits: int, group_size: int, where: Path) -> None:
+    """Affine quantization of every layer that has ``to_quantized`` (linear layers, embedding,
+    head: what mlxtune/memory.py counts), refusing layers whose input size is not a multiple of
+    the group size rather than leaving them in full precision unannounced."""
+    layers = [(p, m) for p, m in model.named_modules() if hasattr(m, "to_quantized") and "weight" in m]
+    bad = sorted({int(m.weight.shape[-1]) for _, m in layers if m.weight.shape[-1] % group_size})
+    if bad:
+        raise MlxtuneError(f"{where}: model.quantize_group_size = {group_size} does not divide the input size {bad[0]} of "
+                           f"some layers (e.g. {next(p for p, m in layers if m.weight.shape[-1] == bad[0])}); "
+                           f"use a group size that divides {', '.join(map(str, bad))} (32 or 64)")
+    nn.quantize(model, group_size=group_size, bits=bits, mode="affine")
+
+
 class MLXBackend:
-    """LoRA on mlx-lm models; see the module docstring for the parity rules."""
+    """LoRA, DoRA and QLoRA on mlx-lm models; see the module docstring for the parity rules."""
 
     name = "mlx"
 
@@ -330,7 +417,10 @@ class MLXBackend:
         self.model_dir: Path | None = None
         self.model_type = ""
         self.layers: list[int] = []
-        self.lora: dict[str, nn.Module] = {}  # HF module path -> LoRALinear
+        self.lora: dict[str, nn.Module] = {}  # HF module path -> LoRALinear or (DoRA) PeftDoRALinear
+        self.dora = False
+        self.quantization = "none"  # what describe() and the run's report say
+        self.virtual: VirtualTokens | None = None  # prompt/prefix tuning (backends/mlx_virtual.py)
         self.optimizer: optim.AdamW | None = None
         self.grad_clip = 0.0
         self.last_grad_norm: float | None = None
@@ -357,6 +447,20 @@ class MLXBackend:
             raise MlxtuneError(f"{model_dir}: mlx-lm cannot load the weights: {e}") from None
         _check_model_args(model.args, cfg, model_dir)
         model.set_dtype(getattr(mx, recipe.model.dtype))  # the recipe's names are mx dtype names
+        bits, group = base_bits(recipe), recipe.model.quantize_group_size
+        found = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("quantization")
+        if found:  # quantized by mlx-lm: mlx-lm's loader built QuantizedLinear layers
+            fb, fg, mode = found.get("bits"), found.get("group_size"), found.get("mode", "affine")
+            if bits and (bits, group) != (fb, fg):
+                raise MlxtuneError(f"{model_dir}/config.json: the model is already quantized ({mode} {fb}-bit, group {fg}) "
+                                   f"but the recipe asks for {bits}-bit, group {group}; set model.quantize_bits = {fb} and "
+                                   f"model.quantize_group_size = {fg}, or name the unquantized model")
+            quantization = mlx_label(fb, fg, mode) + " (already quantized in the model folder)"
+        elif bits:
+            _quantize_base(model, bits, group, model_dir)
+            quantization = mlx_label(bits, group) + " (quantized at load)"
+        else:
+            quantization = "none"
         model.freeze()
 
         blocks = model.model.layers
@@ -370,23 +474,32 @@ class MLXBackend:
                 f"linear layers there: {', '.join(sorted(available))}"
             )
         self.lora = {}
+        if recipe.adapter.method in VIRTUAL_METHODS:  # no LoRA layers: virtual tokens (backends/mlx_virtual.py)
+            layers = []
+        dora = recipe.adapter.method == "dora"
+        wrap = _dora_class().wrap if dora else LoRALinear.from_base
         for i in layers:
             if not 0 <= i < len(blocks):
                 raise MlxtuneError(f"adapter layer {i} out of range (the model has {len(blocks)} blocks)")
             new = []
             for rel, mod in blocks[i].named_modules():
                 if rel.rsplit(".", 1)[-1] in targets and isinstance(mod, linear_types):
-                    lora = LoRALinear.from_base(
-                        mod, r=recipe.adapter.rank, dropout=recipe.adapter.dropout, scale=recipe.adapter.scale
-                    )
+                    lora = wrap(mod, r=recipe.adapter.rank, dropout=recipe.adapter.dropout, scale=recipe.adapter.scale)
                     new.append((rel, lora))
                     self.lora[f"model.layers.{i}.{rel}"] = lora
             blocks[i].update_modules(tree_unflatten(new))
+        if recipe.train.grad_checkpointing is True and recipe.adapter.method == "prefix":
+            raise MlxtuneError('adapter.method = "prefix" does not work with gradient checkpointing (the prefix is '
+                               "in the attention cache); set train.grad_checkpointing = false")
         if recipe.train.grad_checkpointing is True:  # "auto" is resolved by the planner before load
             _checkpoint_blocks(blocks)
+        self.virtual = None
+        if recipe.adapter.method in VIRTUAL_METHODS:
+            self.virtual = attach_virtual(model, VirtualSpec.from_config(read_config(model_dir), recipe.adapter))
         mx.eval(model.parameters())
         self.model, self.recipe, self.model_dir = model, recipe, model_dir
         self.model_type, self.layers = model_type, list(layers)
+        self.dora, self.quantization = dora, quantization
         self._grads = None
         self._step_fn = self._update_fn = None
         self.optimizer = None
@@ -398,16 +511,19 @@ class MLXBackend:
 
     # ---------------------------------------------------------------- adapter weights
 
-    def adapter_shapes(self) -> dict[str, tuple[int, int]]:
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """LoRA: module path -> (in, out); prompt/prefix: weight name -> shape (mlxtune/virtual.py)."""
         self._need()
+        if self.virtual is not None:
+            return self.virtual.spec.shapes()
         return {p: (int(m.lora_a.shape[0]), int(m.lora_b.shape[1])) for p, m in self.lora.items()}
 
     def set_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """LoRA A/B (and DoRA magnitudes); DoRA without magnitudes initialises them from the base."""
         self._need()
-        expected = {f"{p}.lora_{s}" for p in self.lora for s in "AB"}
-        if set(weights) != expected:
-            extra, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
-            raise ValueError(f"adapter weights do not match the model's adapter: missing {missing[:4]}, unexpected {extra[:4]}")
+        if self.virtual is not None:
+            return self.virtual.set_weights(weights)
+        has_mag = check_weight_keys(weights, self.lora, self.dora)
         for p, m in self.lora.items():
             a = np.asarray(weights[f"{p}.lora_A"], dtype=np.float32).T
             b = np.asarray(weights[f"{p}.lora_B"], dtype=np.float32).T
@@ -415,14 +531,25 @@ class MLXBackend:
                 raise ValueError(f"{p}: adapter shapes {a.T.shape}/{b.T.shape} do not fit (rank, in)/(out, rank) = {tuple(m.lora_a.shape)[::-1]}/{tuple(m.lora_b.shape)[::-1]}")
             m.lora_a = mx.array(np.ascontiguousarray(a))
             m.lora_b = mx.array(np.ascontiguousarray(b))
-        mx.eval([(m.lora_a, m.lora_b) for m in self.lora.values()])
+            if self.dora and has_mag:
+                mag = np.asarray(weights[f"{p}.{MAGNITUDE}"], dtype=np.float32)
+                if mag.shape != tuple(m.m.shape):
+                    raise ValueError(f"{p}: DoRA magnitude shape {mag.shape} does not fit (out,) = {tuple(m.m.shape)}")
+                m.m = mx.array(mag)
+            elif self.dora:
+                m.m = m.magnitude_init()
+        mx.eval([(m.lora_a, m.lora_b, m.m if self.dora else m.lora_a) for m in self.lora.values()])
 
     def get_adapter_weights(self) -> dict[str, np.ndarray]:
         self._need()
+        if self.virtual is not None:
+            return self.virtual.get_weights()
         out = {}
         for p, m in self.lora.items():
             out[f"{p}.lora_A"] = np.array(m.lora_a.astype(mx.float32)).T.copy()
             out[f"{p}.lora_B"] = np.array(m.lora_b.astype(mx.float32)).T.copy()
+            if self.dora:
+                out[f"{p}.{MAGNITUDE}"] = np.array(m.m.astype(mx.float32))
         return out
 
     def trainable_parameters(self) -> int:
@@ -508,20 +635,11 @@ class MLXBackend:
         inputs, rows, targets, _ = _targets(tokens, union)
         picked = union[:, 1:]
         weights = {n: np.asarray(masks[n], dtype=bool)[:, 1:][picked].astype(np.float32) for n in names}
-        swapped = []
-        if not adapter:  # score the base model: put the frozen base linears back for one pass
-            for p, m in self.lora.items():
-                i, rel = p.split(".", 3)[2], p.split(".", 3)[3]
-                swapped.append((int(i), rel, m))
-                model.model.layers[int(i)].update_modules(tree_unflatten([(rel, m.linear)]))
-        try:
+        with nullcontext() if adapter else self._base_model():
             ce = _nll_rows(_head(model), _rows(model, inputs, rows), targets, ce_chunk_rows(model.args.vocab_size))
             n = int(picked.sum())
             sums = {k: (ce[:n] * mx.array(w)).sum() for k, w in weights.items()}
             mx.eval(sums)
-        finally:
-            for i, rel, m in swapped:
-                model.model.layers[i].update_modules(tree_unflatten([(rel, m)]))
         return {k: float(v) for k, v in sums.items()}
 
     # ---------------------------------------------------------------- adapters on disk
@@ -532,7 +650,7 @@ class MLXBackend:
         keys = sorted({p.split(".", 3)[3] for p in self.lora})
         a = self.recipe.adapter
         return {
-            "fine_tune_type": "lora",
+            "fine_tune_type": "dora" if self.dora else "lora",
             # mlx-lm wraps the last `num_layers` blocks; blocks in that range that mlxtune did
             # not adapt get mlx-lm's fresh LoRA with lora_b = 0, i.e. no change to the output.
             "num_layers": n_blocks - min(self.layers) if self.layers else 0,
@@ -543,17 +661,23 @@ class MLXBackend:
                 "target_modules": list(a.target_modules),
                 "base_model": str(self.model_dir),
                 "model_type": self.model_type,
+                "method": a.method,
+                "quantization": self.quantization,
             },
         }
 
     def save_adapter(self, path: Path) -> None:
         self._need()
+        if self.virtual is not None:  # mlx-lm has no format for these: PEFT's, as the torch backend writes
+            return save_virtual(Path(path), self.virtual.spec, self.virtual.get_weights(), str(self.model_dir))
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for p, m in self.lora.items():
             tensors[f"{p}.lora_a"] = m.lora_a
             tensors[f"{p}.lora_b"] = m.lora_b
+            if self.dora:
+                tensors[f"{p}.m"] = m.m  # mlx-lm's name for DoRA's magnitude
         mx.save_safetensors(str(path / "adapters.safetensors"), tensors, metadata={"format": "mlx"})
         (path / "adapter_config.json").write_text(json.dumps(self._adapter_config(), indent=2) + "\n", encoding="utf-8")
 
@@ -563,44 +687,12 @@ class MLXBackend:
         written by the torch backend), so an adapter trained on one backend runs on the other."""
         self._need()
         assert self.recipe is not None
-        path = Path(path)
-        cfg_path = path / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise MlxtuneError(f"{path}: no adapter_config.json (not an adapter folder)")
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if self.virtual is not None:
+            return self.virtual.set_weights(load_virtual(Path(path), self.virtual.spec))
         a = self.recipe.adapter
-        if (path / "adapters.safetensors").is_file():
-            lp = cfg.get("lora_parameters", {})
-            kind, rank, scale = cfg.get("fine_tune_type", "lora"), lp.get("rank"), lp.get("scale")
-            loaded = mx.load(str(path / "adapters.safetensors"))
-            # mlx-lm layout: <module>.lora_a (in, r), <module>.lora_b (r, out)
-            found = {f"{k.rsplit('.', 1)[0]}.lora_{k.rsplit('_', 1)[1].upper()}": np.array(v.astype(mx.float32)).T
-                     for k, v in loaded.items() if k.endswith((".lora_a", ".lora_b"))}
-            other = [k for k in loaded if not k.endswith((".lora_a", ".lora_b"))]
-        elif (path / "adapter_model.safetensors").is_file():
-            kind = "lora" if cfg.get("peft_type", "LORA") == "LORA" and not cfg.get("use_dora") else str(cfg.get("peft_type")).lower()
-            rank = cfg.get("r")
-            scale = cfg["lora_alpha"] / cfg["r"] if cfg.get("r") and cfg.get("lora_alpha") is not None else None
-            loaded = mx.load(str(path / "adapter_model.safetensors"))
-            # PEFT layout: base_model.model.<module>.lora_A.weight (r, in), .lora_B.weight (out, r)
-            found, other = {}, []
-            for k, v in loaded.items():
-                name = k.removeprefix("base_model.model.").removesuffix(".weight")
-                if name.endswith((".lora_A", ".lora_B")):
-                    found[name] = np.array(v.astype(mx.float32))
-                else:
-                    other.append(k)
-        else:
-            raise MlxtuneError(f"{path}: no adapters.safetensors (mlx-lm) or adapter_model.safetensors (PEFT)")
-        if kind != "lora" or rank != a.rank:
-            raise MlxtuneError(f"{path}: adapter ({kind}, rank {rank}) does not match the recipe (lora, rank {a.rank})")
-        if scale is None or not math.isclose(float(scale), a.scale, rel_tol=1e-6):
-            raise MlxtuneError(f"{path}: adapter scale {scale} != the recipe's alpha / rank = {a.scale:g}")
-        expected = {f"{p}.lora_{s}" for p in self.lora for s in "AB"}
-        if set(found) != expected or other:
-            missing, extra = sorted(expected - set(found)), sorted(set(found) - expected) + other
-            raise MlxtuneError(f"{path}: adapter tensors do not match the recipe's adapter (missing {missing[:3]}, unexpected {extra[:3]})")
-        self.set_adapter_weights(found)
+        af = read_adapter(Path(path), lambda f: {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(f)).items()})
+        check_adapter(af, Path(path), a.method, a.rank, a.scale, self.lora)
+        self.set_adapter_weights(af.weights)
 
     # ---------------------------------------------------------------- optimizer state
 
@@ -628,19 +720,24 @@ class MLXBackend:
     # ---------------------------------------------------------------- generation
 
     @contextmanager
-    def _base_linears(self) -> Iterator[None]:
-        """The base model: the frozen linears put back in place of the LoRA layers meanwhile."""
+    def _base_model(self) -> Iterator[None]:
+        """The base model meanwhile: the frozen linears put back in place of the LoRA/DoRA
+        layers, and the virtual tokens (prompt/prefix) switched off."""
         model = self._need()
         swapped = []
         for p, m in self.lora.items():
             i, rel = p.split(".", 3)[2:]
             swapped.append((int(i), rel, m))
             model.model.layers[int(i)].update_modules(tree_unflatten([(rel, m.linear)]))
+        if self.virtual is not None:
+            self.virtual.enabled = False
         try:
             yield
         finally:
             for i, rel, m in swapped:
                 model.model.layers[i].update_modules(tree_unflatten([(rel, m)]))
+            if self.virtual is not None:
+                self.virtual.enabled = True
 
     def _last_logits(self, inputs: mx.array, cache: list[Any]) -> np.ndarray:
         """float32 logits of the last position only: the vocabulary projection of the whole
@@ -671,6 +768,8 @@ class MLXBackend:
             raise MlxtuneError(f"mlx backend: generation supports plain KV caches only, this model uses {sorted(kinds)}")
         ids, padding = left_pad(prompts, pad_id)
         cache = [BatchKVCache(padding.tolist()) for _ in model.layers]
+        if adapter and self.virtual is not None:  # the prefix ahead of every row (backends/mlx_virtual.py)
+            cache = virtual_generation_cache(model, padding)
 
         def step(tokens: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
             if keep is not None:
@@ -682,7 +781,7 @@ class MLXBackend:
         was_training = model.training
         model.eval()
         try:
-            with nullcontext() if adapter else self._base_linears():
+            with nullcontext() if adapter else self._base_model():
                 first = self._last_logits(mx.array(ids), cache)
                 return decode_loop(first, step, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                    eos_ids=eos_ids, should_stop=should_stop)
@@ -707,6 +806,7 @@ class MLXBackend:
             "backend": "mlx",
             "device": device,
             "dtype": self.recipe.model.dtype if self.recipe else "",
+            "quantization": self.quantization,
             "mlx": mx.__version__,
             "mlx_lm": getattr(mlx_lm, "__version__", "?"),
             "compiled": str(self.compile),

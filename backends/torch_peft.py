@@ -1,13 +1,21 @@
 """torch + transformers + peft backend (CUDA, MPS or CPU).
 
+Adapters: peft's LoRA; DoRA is peft's ``use_dora`` (its magnitude crosses the backend boundary as
+``<module>.lora_magnitude``); a quantized base (``qlora``, or ``model.quantize_bits`` > 0) is
+loaded with bitsandbytes on CUDA only (4 bits: NF4, double quantization, bfloat16 compute; 8
+bits: LLM.int8) and prepared with peft's ``prepare_model_for_kbit_training``; elsewhere the
+load stops with :func:`mlxtune.quantization.torch_problem`'s message.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only); elsewhere the
 process's peak resident set size (``getrusage``), which includes Python and the libraries.
 """
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,9 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mlxtune.adapters import MAGNITUDE, check_adapter, check_weight_keys, read_adapter
 from mlxtune.errors import MlxtuneError
 from mlxtune.memory import OutOfMemory, ce_chunk_rows, is_out_of_memory
-from mlxtune.recipe import Recipe
+from mlxtune.quantization import base_bits, torch_label, torch_problem
+from mlxtune.recipe import VIRTUAL_METHODS, Recipe
+from mlxtune.virtual import VirtualSpec
+
+from .torch_virtual import VirtualTorch, generate_virtual
+from .torch_virtual import check_supported as check_virtual
+from .torch_virtual import peft_config as virtual_peft_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PEFT_PREFIX = "base_model.model."
@@ -128,6 +143,9 @@ class TorchBackend:
         self.optimizer: torch.optim.Optimizer | None = None
         self.recipe: Recipe | None = None
         self.last_grad_norm: float | None = None
+        self.dora = False
+        self.quantization = "none"
+        self.virtual: VirtualTorch | None = None  # prompt/prefix tuning (backends/torch_virtual.py)
 
     # -- loading --------------------------------------------------------------------
     def load(self, model_dir: Path, recipe: Recipe, layers: list[int]) -> None:
@@ -140,32 +158,62 @@ class TorchBackend:
         if recipe.train.autocast != "off" and (self.device.type == "mps" or (self.device.type == "cuda" and not torch.cuda.is_bf16_supported())):
             raise MlxtuneError(f'train.autocast = "{recipe.train.autocast}": this {self.device.type} device has no bfloat16 autocast; set train.autocast = "off"')
         torch.manual_seed(recipe.train.seed)
+        if "quantization" in json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")):
+            raise MlxtuneError(f"{model_dir}: an MLX-quantized model folder (mlx-lm's packed weights), which torch cannot load; "
+                               "use --backend mlx, or the unquantized model with model.quantize_bits")
+        bits = base_bits(recipe)
+        problem = torch_problem(recipe, self.device.type)
+        if problem:
+            raise MlxtuneError(problem)
+        quant: dict = {}
+        if bits:
+            from transformers import BitsAndBytesConfig
+
+            qc = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=torch.bfloat16) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+            quant = {"quantization_config": qc, "device_map": {"": self.device.index or 0}}
         base = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=self.dtype, attn_implementation="sdpa",
-            trust_remote_code=recipe.model.trust_remote_code,
+            trust_remote_code=recipe.model.trust_remote_code, **quant,
         )
+        if bits:
+            from peft import prepare_model_for_kbit_training
+
+            # freezes the base and makes the unquantized rest float32; checkpointing is set below
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         base.config.use_cache = False
         n_layers = base.config.num_hidden_layers
         a = recipe.adapter
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})  # bnb's layers subclass Linear
         missing = [t for t in a.target_modules if t not in linear_names]
         if missing:
             raise MlxtuneError(f"adapter.target_modules: {missing} not found in {model_dir.name}; its linear layers are: {', '.join(linear_names)}")
         config = LoraConfig(
             r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=list(a.target_modules),
             layers_to_transform=None if len(layers) == n_layers else layers, bias="none", task_type="CAUSAL_LM",
-        )
+            use_dora=a.method == "dora",
+        ) if a.method not in VIRTUAL_METHODS else virtual_peft_config(VirtualSpec.from_config(base.config.to_dict(), a))
         if recipe.train.grad_checkpointing is True:  # "auto" is resolved by the planner before load
             if hasattr(base, "activation_checkpointing_enable"):  # the newer transformers 5 name
                 base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = get_peft_model(base, config).to(self.device)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.model = get_peft_model(base, config)
+        if not bits:  # a bitsandbytes model is placed by its device_map
+            self.model = self.model.to(self.device)
+        self.dora, self.quantization = a.method == "dora", torch_label(bits)
         # the loss runs body and head apart (chunked cross-entropy) where the head is a plain linear
         chunked = base.config.model_type in CHUNKED_HEAD_TYPES and isinstance(base.get_output_embeddings(), torch.nn.Linear)
         self._body = base.base_model if chunked else None
         self._head = base.get_output_embeddings() if chunked else None
         self._ce_rows = ce_chunk_rows(base.config.vocab_size)
+        self.virtual = None
+        if a.method in VIRTUAL_METHODS:
+            spec = VirtualSpec.from_config(base.config.to_dict(), a)
+            check_virtual(base, spec, chunked, recipe.train.grad_checkpointing is True)
+            self.virtual = VirtualTorch(self.model, spec)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
@@ -174,20 +222,43 @@ class TorchBackend:
 
         return {name.removeprefix(PEFT_PREFIX): m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
 
-    def adapter_shapes(self) -> dict[str, tuple[int, int]]:
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """LoRA: module path -> (in, out); prompt/prefix: weight name -> shape (mlxtune/virtual.py)."""
+        if self.virtual is not None:
+            return self.virtual.spec.shapes()
         return {n: (m.in_features, m.out_features) for n, m in self._lora_modules().items()}
 
     def set_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """LoRA A/B (and DoRA magnitudes); DoRA without magnitudes initialises them as peft does."""
+        from peft.utils.integrations import dequantize_module_weight
+
+        if self.virtual is not None:
+            return self.virtual.set_weights(weights)
+        modules = self._lora_modules()
+        has_mag = check_weight_keys(weights, modules, self.dora)
         with torch.no_grad():
-            for name, m in self._lora_modules().items():
-                m.lora_A["default"].weight.copy_(torch.from_numpy(weights[f"{name}.lora_A"]))
-                m.lora_B["default"].weight.copy_(torch.from_numpy(weights[f"{name}.lora_B"]))
+            for name, m in modules.items():
+                m.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(weights[f"{name}.lora_A"], dtype=np.float32)))
+                m.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(weights[f"{name}.lora_B"], dtype=np.float32)))
+                if not self.dora:
+                    continue
+                mag = m.lora_magnitude_vector["default"].weight
+                if has_mag:
+                    mag.copy_(torch.from_numpy(np.asarray(weights[f"{name}.{MAGNITUDE}"], dtype=np.float32)))
+                else:  # row norms of W + scale * B @ A (peft's DoraLinearLayer.update_layer, in place)
+                    w = dequantize_module_weight(m.get_base_layer()).float()
+                    delta = m.lora_B["default"].weight.float() @ m.lora_A["default"].weight.float()
+                    mag.copy_(torch.linalg.norm(w + m.scaling["default"] * delta, dim=1))
 
     def get_adapter_weights(self) -> dict[str, np.ndarray]:
+        if self.virtual is not None:
+            return self.virtual.get_weights()
         out = {}  # copies: on CPU in fp32, .numpy() would share memory with the live parameters
         for name, m in self._lora_modules().items():
             out[f"{name}.lora_A"] = m.lora_A["default"].weight.detach().float().cpu().numpy().copy()
             out[f"{name}.lora_B"] = m.lora_B["default"].weight.detach().float().cpu().numpy().copy()
+            if self.dora:
+                out[f"{name}.{MAGNITUDE}"] = m.lora_magnitude_vector["default"].weight.detach().float().cpu().numpy().copy()
         return out
 
     def trainable_parameters(self) -> int:
@@ -211,7 +282,12 @@ class TorchBackend:
         return torch.from_numpy(a).to(self.device)
 
     def _hidden(self, tok: torch.Tensor) -> torch.Tensor:
+        if self.virtual is not None:  # the real tokens' states behind the virtual tokens
+            return self.virtual.hidden(tok)
         return self._body(input_ids=tok).last_hidden_state
+
+    def _adapter_off(self):
+        return self.virtual.disabled() if self.virtual is not None else self.model.disable_adapter()
 
     def train_step(self, tokens: np.ndarray, mask: np.ndarray, denom: int, update: bool, lr: float) -> float:
         """See ``Backend.train_step``. An out-of-memory error discards the gradients accumulated
@@ -248,7 +324,7 @@ class TorchBackend:
         self.model.eval()
         tok = self._tensor(tokens).long()
         names = list(masks)
-        with nullcontext() if adapter else self.model.disable_adapter(), self._autocast():
+        with nullcontext() if adapter else self._adapter_off(), self._autocast():
             if self._head is None:
                 sums = nll_sum(self.model(input_ids=tok).logits, tok, [self._tensor(masks[n]) for n in names])
                 return {n: float(s) for n, s in zip(names, sums)}
@@ -262,18 +338,22 @@ class TorchBackend:
     # -- files ----------------------------------------------------------------------
     def save_adapter(self, path: Path) -> None:
         """PEFT format: adapter_model.safetensors + adapter_config.json."""
+        if self.virtual is not None:
+            return self.virtual.save(path)
         self.model.save_pretrained(str(path), safe_serialization=True)
 
     def load_adapter(self, path: Path) -> None:
-        from peft import set_peft_model_state_dict
+        """Load an adapter folder in PEFT's format (as :meth:`save_adapter` writes it) or in mlx-lm's
+        (``adapters.safetensors``, as the MLX backend or ``mlx_lm.lora`` writes it), LoRA or DoRA."""
         from safetensors.torch import load_file
 
-        file = Path(path) / "adapter_model.safetensors"
-        if not file.is_file():
-            raise MlxtuneError(f"{path}: no adapter_model.safetensors (not a PEFT adapter folder)")
-        result = set_peft_model_state_dict(self.model, load_file(str(file), device=str(self.device)))
-        if getattr(result, "unexpected_keys", None):
-            raise MlxtuneError(f"{path}: adapter does not match the recipe's model/adapter (unexpected keys such as {result.unexpected_keys[0]})")
+        if self.virtual is not None:  # prompt/prefix: PEFT's format from either backend
+            return self.virtual.load(path)
+
+        a = self.recipe.adapter
+        af = read_adapter(Path(path), lambda f: {k: v.float().numpy() for k, v in load_file(str(f)).items()})
+        check_adapter(af, Path(path), a.method, a.rank, a.scale, self._lora_modules())
+        self.set_adapter_weights(af.weights)
 
     def save_optimizer(self, path: Path) -> None:
         """AdamW state as safetensors: tensors under ``<param index>.<name>``, step counts included,
@@ -348,6 +428,10 @@ class TorchBackend:
         was_training = self.model.training
         self.model.eval()
         try:
+            if self.virtual is not None:  # virtual tokens ahead of each row (backends/torch_virtual.py)
+                return generate_virtual(self.virtual, prompts, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                        eos_ids=eos_ids, pad_id=pad_id, adapter=adapter, should_stop=should_stop,
+                                        device=self.device)
             with nullcontext() if adapter else self.model.disable_adapter():
                 first = forward(self._tensor(ids).long(), attn, pos)
                 return decode_loop(first, step, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -374,4 +458,5 @@ class TorchBackend:
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "threads": str(torch.get_num_threads()), "autocast": self.recipe.train.autocast,
             "adamw": adamw_impl(self.recipe.train.adamw_impl, self.device),
+            "quantization": self.quantization,
         }

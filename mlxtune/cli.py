@@ -61,17 +61,30 @@ def run(recipe: str, backend: str | None, overrides: tuple[str, ...], overwrite:
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default=None,
+              help="Check for this backend on this machine (default: the recipe's; auto = what `run` would pick).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def validate(recipe: str, overrides: tuple[str, ...]) -> None:
+def validate(recipe: str, backend: str | None, overrides: tuple[str, ...]) -> None:
     """Check a recipe (keys, types, combinations, data files) without loading a model."""
     r = load_recipe(recipe, list(overrides))
+    from backends import default_backend
+
+    from .quantization import base_bits, mlx_label, torch_label, torch_problem
+
+    name = backend or r.backend
+    name = default_backend() if name == "auto" else name
+    if name == "torch" and (problem := torch_problem(r)):
+        raise MlxtuneError(f"{recipe}: {problem}")
     from pathlib import Path
 
     for key in ("train", "eval"):
         value = getattr(r.data, key)
         if value and Path(value).suffix and not Path(r.resolve_path(value)).is_file():
             raise MlxtuneError(f"{recipe}: data.{key} = {value!r}: file not found (relative paths are resolved against the recipe's folder)")
-    click.echo(f"{recipe}: ok ({r.adapter.method} r={r.adapter.rank} alpha={r.adapter.alpha:g} on {r.model.path}, data {r.data.format} from {r.data.train})")
+    bits = base_bits(r)
+    quant = (mlx_label(bits, r.model.quantize_group_size) if name == "mlx" else torch_label(bits)) if bits else ""
+    click.echo(f"{recipe}: ok ({r.adapter.label} on {r.model.path}"
+               + (f", base quantized: {quant}" if quant else "") + f", data {r.data.format} from {r.data.train}; backend {name})")
 
 
 @cli.group(cls=Group)

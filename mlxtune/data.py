@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import MlxtuneError
 from .recipe import DataConfig, Recipe
+from .wordlists import group_rows, split_and_group
 
 # format -> (required fields, optional fields)
 FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -25,6 +26,7 @@ FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "text": (("text",), ()),
     "translation": (("source", "target"), ()),
     "cefr_list": (("level", "words", "sentences"), ()),
+    "cefr_words": (("word", "sentence"), ("level",)),  # rows grouped into cefr_list records (mlxtune.wordlists)
     "code": (("problem", "solution"), ("test", "entry_point")),  # optional: for pass@k (see sandbox.humaneval_program)
 }
 ROLES = ("system", "user", "assistant")
@@ -98,7 +100,7 @@ def load_records(source: str, cfg: DataConfig, where: str) -> list[dict[str, Any
     elif path.exists():
         raise MlxtuneError(f"{where}: unsupported data file type '{path.suffix}' ({path}); use .jsonl, .json, .csv or .parquet")
     else:
-        rows = _load_with_datasets(source, {"split": cfg.split}, source)
+        rows = _load_with_datasets(source, {"split": cfg.split} | ({"name": cfg.subset} if cfg.subset else {}), source)
     bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
     if bad:
         raise MlxtuneError(f"{source}: record {bad} is not a JSON object")
@@ -110,10 +112,14 @@ def load_records(source: str, cfg: DataConfig, where: str) -> list[dict[str, Any
 
 
 def _rename(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
-    """``columns`` maps the format's field name -> the dataset's column name."""
-    out = {k: v for k, v in row.items() if k not in columns.values()}
+    """``columns`` maps the format's field name -> the dataset's column name; a dotted name reads a
+    nested field (``translation.en`` of OPUS-style rows ``{"translation": {"en": ..., "tr": ...}}``)."""
+    out = {k: v for k, v in row.items() if k not in {c.split(".", 1)[0] for c in columns.values()}}
     for name, column in columns.items():
-        out[name] = row.get(column)
+        value: Any = row
+        for part in column.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[name] = value
     return out
 
 
@@ -144,11 +150,12 @@ def _field_error(source: str, row: int, msg: str, cfg: DataConfig) -> MlxtuneErr
 
 def record_to_messages(rec: dict[str, Any], cfg: DataConfig, source: str = "<data>", row: int = 0) -> list[dict[str, str]]:
     """The conversation a record stands for; the final assistant turn is the response."""
-    req, _ = FORMAT_FIELDS[cfg.format]
+    # cefr_words rows arrive here already grouped into cefr_list records (see build_dataset)
+    fmt = "cefr_list" if cfg.format == "cefr_words" else cfg.format
+    req, _ = FORMAT_FIELDS[fmt]
     missing = [k for k in req if rec.get(k) in (None, "")]
     if missing:
         raise _field_error(source, row, f"missing field(s) {', '.join(missing)} (has: {', '.join(sorted(rec)) or 'nothing'})", cfg)
-    fmt = cfg.format
     if fmt == "chat":
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
@@ -380,15 +387,27 @@ def build_dataset(recipe: Recipe, tokenizer: Any) -> Dataset:
     train_src = recipe.resolve_path(cfg.train)
     where = str(recipe.source or "<recipe>")
 
-    def read(src: str) -> list[tuple[dict[str, Any], list[dict[str, str]]]]:
+    def read(src: str, recs: list[dict[str, Any]] | None = None) -> list[tuple[dict[str, Any], list[dict[str, str]]]]:
         # checked in file order, before the shuffle, so an error names the real row
-        return [(rec, record_to_messages(rec, cfg, src, row)) for row, rec in enumerate(load_records(src, cfg, where), 1)]
+        if recs is None:
+            recs = load_records(src, cfg, where)
+            if cfg.format == "cefr_words":
+                recs = group_rows(recs, src, cfg.split_seed, cfg.cefr_level, cfg.cefr_records)
+        return [(rec, record_to_messages(rec, cfg, src, row)) for row, rec in enumerate(recs, 1)]
 
-    train_pairs, eval_pairs = split_records(read(train_src), cfg)
+    if cfg.format == "cefr_words" and not cfg.eval:
+        # split on WORDS, then group each side: no eval word or sentence is ever trained on
+        train_recs, eval_recs = split_and_group(load_records(train_src, cfg, where), train_src, cfg.split_seed,
+                                                cfg.eval_fraction, cfg.cefr_level, cfg.cefr_records)
+        train_pairs, eval_pairs = read(train_src, train_recs[: cfg.max_examples or None]), read(train_src, eval_recs)
+    else:
+        train_pairs, eval_pairs = split_records(read(train_src), cfg)
     eval_src = train_src
     if cfg.eval:
         eval_src = recipe.resolve_path(cfg.eval)
         eval_pairs = read(eval_src)
+    if cfg.max_eval_examples:
+        eval_pairs = eval_pairs[: cfg.max_eval_examples]
     train, train_stats = encode_records([m for _, m in train_pairs], cfg, tokenizer, train_src)
     evals, eval_stats = encode_records([m for _, m in eval_pairs], cfg, tokenizer, eval_src)
     if cfg.loss_on == "full":

@@ -9,7 +9,6 @@ prefix the model was trained on.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .batching import Batch, split_batch, total_steps, train_stream
+from .batching import Batch, batches_per_epoch, split_batch, total_steps, train_stream
 from .errors import MlxtuneError
 from .recipe import EvalConfig, TrainConfig
 from .rundir import RunDir
@@ -155,6 +155,7 @@ def train(backend: Backend, train_examples: list[Example], eval_set: list[Batch]
             return evaluate(backend, eval_set, adapter=adapter)
 
     total = total_steps(len(train_examples), cfg.micro_batch, cfg.grad_accum, cfg.epochs, cfg.steps)
+    epoch_micro = math.ceil(cfg.epochs * batches_per_epoch(len(train_examples), cfg.micro_batch))
     state: dict[str, Any] = {"step": 0, "total": total, "best": None, "best_step": None, "base": None}
     if resume:
         state = restore_checkpoint(backend, run)
@@ -188,7 +189,9 @@ def train(backend: Backend, train_examples: list[Example], eval_set: list[Batch]
         task = bar.add_task("train", total=total, completed=state["step"], info="")
         for step in range(state["step"], total):
             t0 = time.perf_counter()
-            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            # training by epochs, the last step takes only the micro batches left in the last epoch
+            left = cfg.grad_accum if cfg.steps else epoch_micro - step * cfg.grad_accum
+            micro = [next(stream) for _ in range(min(cfg.grad_accum, left))]
             denom = sum(b.n_targets for b in micro)
             lr = lr_at(step, total, cfg)
             loss_sum = accumulate_step(backend, micro, denom, lr, state, cfg, run, step + 1)

@@ -138,14 +138,42 @@ class Setup:
     targets: tuple[str, ...] = PROJECTIONS
     layers: str | int | list[int] = "all"
     grad_checkpointing: bool = False
+    # prompt/prefix tuning: virtual tokens that every block processes (no LoRA, targets empty)
+    method: str = "lora"
+    virtual_tokens: int = 0
+    prefix_projection: bool = False
+    prefix_hidden: int = 0
 
     @classmethod
     def from_recipe(cls, recipe, backend: str, device: str, grad_checkpointing: bool | None = None) -> Setup:
-        bits = recipe.model.quantize_bits or (4 if recipe.adapter.method == "qlora" else 0)
+        from .quantization import base_bits
+
+        bits = base_bits(recipe)
         ckpt = recipe.train.grad_checkpointing is True if grad_checkpointing is None else grad_checkpointing
+        kw = {"targets": tuple(recipe.adapter.target_modules), "layers": recipe.adapter.layers} | _virtual_setup(recipe.adapter)
         return cls(backend=backend, device=device, dtype=recipe.model.dtype, quantize_bits=bits,
                    quantize_group_size=recipe.model.quantize_group_size, rank=recipe.adapter.rank,
-                   targets=tuple(recipe.adapter.target_modules), layers=recipe.adapter.layers, grad_checkpointing=ckpt)
+                   grad_checkpointing=ckpt, **kw)
+
+
+def _virtual_setup(a) -> dict:
+    if a.method not in ("prompt", "prefix"):
+        return {}
+    return {"method": a.method, "virtual_tokens": a.num_virtual_tokens, "targets": (), "layers": "all",
+            "prefix_projection": a.method == "prefix" and a.prefix_projection, "prefix_hidden": a.prefix_hidden}
+
+
+def virtual_parameters(shape: Shape, s: Setup) -> int:
+    """Trainable parameters of a prompt/prefix adapter (mlxtune/virtual.py's layout)."""
+    from types import SimpleNamespace
+
+    from .virtual import VirtualSpec
+
+    cfg = {"num_attention_heads": shape.heads, "hidden_size": shape.hidden, "num_key_value_heads": shape.kv_heads,
+           "head_dim": shape.head_dim, "num_hidden_layers": shape.layers}
+    a = SimpleNamespace(method=s.method, num_virtual_tokens=s.virtual_tokens, prefix_projection=s.prefix_projection,
+                        prefix_hidden=s.prefix_hidden)
+    return VirtualSpec.from_config(cfg, a).parameters()
 
 
 @dataclass
@@ -190,9 +218,10 @@ def _weight_bytes(shape: Shape, s: Setup) -> int:
         per = s.quantize_bits / 8 + 2 * db / s.quantize_group_size
         return int(per * (p["projections"] + p["embedding"] + p["head"]) + db * p["other"])
     # bitsandbytes: NF4 = 4 bits + an 8-bit absmax per 64 weights (double quantization) + a float32
-    # per 256 absmax; LLM.int8 = 1 byte + a float per row. Embedding and head stay in the dtype.
+    # per 256 absmax; LLM.int8 = 1 byte + a float per row. Embedding, head and norms are not
+    # quantized, and peft's prepare_model_for_kbit_training (backends/torch_peft.py) makes them float32.
     per = 0.5 + 1 / 64 + 4 / (64 * 256) if s.quantize_bits == 4 else 1.0
-    return int(per * p["projections"] + db * (p["embedding"] + p["head"] + p["other"]))
+    return int(per * p["projections"] + 4 * (p["embedding"] + p["head"] + p["other"]))
 
 
 def lora_parameters(shape: Shape, s: Setup) -> int:
@@ -266,6 +295,11 @@ def estimate(config: dict, setup: Setup, micro_batch: int, seq_len: int, accumul
     tokens = micro_batch * seq_len
     adapted = select_layers(shape.layers, s.layers)
     n_lora = lora_parameters(shape, s)
+    if s.method in ("prompt", "prefix"):
+        # every block runs on (or attends to) the virtual tokens too, and the gradient reaches
+        # the first block: counted as seq_len + n positions in every block (an upper bound for
+        # prefix tuning, whose virtual positions are keys and values only); the loss is unchanged
+        n_lora, seq_len = virtual_parameters(shape, s), seq_len + s.virtual_tokens
     grad_copies = 2 if s.backend == "mlx" and accumulate else 1
     adapter = n_lora * 4 * (3 + grad_copies)  # float32 parameters, AdamW m and v, gradients
 
@@ -274,8 +308,9 @@ def estimate(config: dict, setup: Setup, micro_batch: int, seq_len: int, accumul
     saved_block = _layer_saved(shape, s, set(s.targets), seq_len)
     top = shape.hidden * (4 if s.backend == "torch" else a)  # the final norm's input
     kept = shape.hidden * a if s.grad_checkpointing else saved_block  # checkpointing: each block's input
-    activations = tokens * (grad_layers * kept + top)
-    backward = tokens * _backward_working(shape, s, seq_len, saved_block)
+    body = micro_batch * seq_len  # positions in the blocks (with the virtual tokens)
+    activations = body * (grad_layers * kept + top)
+    backward = body * _backward_working(shape, s, seq_len, saved_block)
 
     rows = ce_chunk_rows(shape.vocab)
     n_chunks = math.ceil(tokens / rows)

@@ -180,6 +180,8 @@ def make_plan(config: dict, setup: Setup, budget: int, effective_batch: int, seq
         return next((m for m in _divisors(effective_batch) if fits(ckpt, m, typical)), 0)
 
     options = [False, True] if checkpointing == "auto" else [bool(checkpointing)]
+    if setup.method == "prefix":  # the prefix lives in the attention cache, which checkpointing drops
+        options = [False]
     found = {c: best(c) for c in options}
     if len(options) == 2:
         plain, ckpt = found[False], found[True]
@@ -258,7 +260,7 @@ def render(plan: Plan, recipe: Recipe, config_note: str, console: Any) -> None:
     from rich.table import Table
 
     e = plan.estimate
-    title = (f"{recipe.model.path} on {plan.backend} ({plan.device}), {recipe.adapter.method} r={recipe.adapter.rank}, "
+    title = (f"{recipe.model.path} on {plan.backend} ({plan.device}), {recipe.adapter.label}, "
              f"micro batch {max(plan.micro_batch, 1)} x {plan.typical_len} tokens, checkpointing "
              f"{'on' if plan.grad_checkpointing else 'off'}")
     table = Table(title=title, caption=f"model config: {config_note}")
@@ -314,9 +316,11 @@ def plan_cmd(recipe: str, budget: str | None, backend: str | None, config_file: 
         console.print(f"as written (micro_batch = {r.train.micro_batch} x {r.data.max_seq_len} tokens, checkpointing "
                       f"{'on' if setup.grad_checkpointing else 'off'}): predicted peak {gib(mine.total)}, {verdict}; "
                       'train.micro_batch = "auto" with train.effective_batch lets `mlxtune run` use the plan')
-    if r.adapter.method != "lora" or r.model.quantize_bits:
-        console.print(f"[yellow]note:[/] training {r.adapter.method}"
-                      + (f" on a {Setup.from_recipe(r, name, plan.device).quantize_bits}-bit base" if Setup.from_recipe(r, name, plan.device).quantize_bits else "")
-                      + " is not supported by this version yet (`mlxtune validate` says so); the plan shows what it will need")
+    from .quantization import base_bits, mlx_label, torch_label, torch_problem
+
+    if bits := base_bits(r):
+        console.print("base quantized: " + (mlx_label(bits, r.model.quantize_group_size) if name == "mlx" else torch_label(bits)))
+    if name == "torch" and (problem := torch_problem(r)):
+        console.print(f"[red bold]cannot run on this machine:[/] {problem}")
     if not plan.fits:
         raise SystemExit(1)

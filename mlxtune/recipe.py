@@ -19,10 +19,17 @@ from .errors import MlxtuneError
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
-FORMATS = ("chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "code")
+FORMATS = ("chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "cefr_words", "code")
 BUILTIN_TEMPLATES = ("chat", "alpaca", "plain")
-SUPPORTED_METHODS = ("lora",)
-PLANNED_METHODS = ("dora", "qlora", "prefix", "prompt")
+SUPPORTED_METHODS = ("lora", "dora", "qlora", "prefix", "prompt")
+PLANNED_METHODS: tuple[str, ...] = ()
+# The adapter keys that mean something only for some methods; a recipe that sets one of them (to a
+# value other than its default) for another method is refused, naming the keys that do apply.
+LORA_KEYS = ("rank", "alpha", "dropout", "target_modules", "layers")
+METHOD_KEYS = {"lora": LORA_KEYS, "dora": LORA_KEYS, "qlora": LORA_KEYS,
+               "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
+               "prefix": ("num_virtual_tokens", "prefix_projection", "prefix_hidden")}
+VIRTUAL_METHODS = ("prompt", "prefix")
 GEN_METRICS = ("bleu", "chrf", "pass@k", "cefr")
 SET_HELP = "Override a recipe key, e.g. --set train.lr=1e-4 (repeatable; values are read as TOML)."
 
@@ -40,8 +47,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Dtype of the frozen base weights. The adapter and the optimizer state stay float32.")
     device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "torch backend device; `auto` picks CUDA, then MPS, then CPU.")
     trust_remote_code: bool = _f(False, "Allow a hub model's own Python code to run. Off unless you trust the model's repository.")
-    quantize_bits: Literal[0, 4, 8] = _f(0, "Bits per frozen base weight when the base is quantized (0: not quantized; `adapter.method = \"qlora\"` means 4). Read by `mlxtune plan`; training a quantized base is not supported yet.")
-    quantize_group_size: int = _f(64, "Weights per quantization group (scale and offset per group) of a quantized base.")
+    quantize_bits: Literal[0, 4, 8] = _f(0, "Bits per frozen base weight (0: not quantized; with `adapter.method = \"qlora\"` 0 means 4). Applies to `lora`, `dora` and `qlora`. MLX: affine quantization of every linear layer, the embedding and the head at load, on any machine (a model folder already quantized by mlx-lm is used as it is, and its bits must match). torch: bitsandbytes on a CUDA GPU only, 4 = NF4 with double quantization and bfloat16 compute, 8 = LLM.int8, the rest of the model in float32 (peft's `prepare_model_for_kbit_training`); without CUDA validate, plan and run say so. The quantization used is recorded in the run's start event and report.")
+    quantize_group_size: int = _f(64, "MLX: weights per quantization group (one scale and offset each) of a quantized base; every quantized layer's input size must be a multiple of it. bitsandbytes (torch) uses its own blocks of 64.")
 
     def __post_init__(self) -> None:
         if self.quantize_group_size not in (32, 64, 128):
@@ -50,12 +57,17 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    method: Literal["lora", "dora", "qlora", "prefix", "prompt"] = _f("lora", "Adapter method. Supported now: `lora`.")
+    method: Literal["lora", "dora", "qlora", "prefix", "prompt"] = _f("lora", "Adapter method. Supported now: `lora`, `dora` (LoRA plus a trained magnitude per output row, the weight-decomposed LoRA of Liu et al. 2024, as peft's `use_dora` and mlx-lm's DoRA), `qlora` (LoRA on a base quantized to `model.quantize_bits`, 4 unless set; `lora` and `dora` with `quantize_bits` > 0 also train on a quantized base), `prompt` (learned virtual tokens prepended to the input embeddings) and `prefix` (learned per-layer key/value prefixes). Keys that belong to another method are refused.")
     rank: int = _f(8, "LoRA rank r.")
     alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank on every backend.")
     dropout: float = _f(0.0, "Dropout on the adapter input during training.")
     target_modules: list[str] = _f(ALL_PROJECTIONS, "Linear layers to adapt, by their short name (`q_proj`, ...).")
     layers: str | int | list[int] = _f("all", "Which transformer blocks get adapters: `\"all\"`, N (the last N blocks) or a list of block indices.")
+    num_virtual_tokens: int = _f(20, "`prompt`/`prefix`: number of virtual tokens. Prompt tuning prepends them to the input embeddings (real tokens' positions start after them); prefix tuning puts them as keys/values in front of every layer's attention. They never carry loss.")
+    prompt_init: Literal["random", "text"] = _f("random", "`prompt`: initial virtual token embeddings: `random` (normal(0, 1), as PEFT's RANDOM) or `text` (the embedding rows of `prompt_init_text`'s tokens, repeated or cut to `num_virtual_tokens`, as PEFT's TEXT).")
+    prompt_init_text: str = _f("", "`prompt`: the text whose token embeddings initialise the virtual tokens when `prompt_init = \"text\"`, e.g. \"Translate English to Turkish:\".")
+    prefix_projection: bool = _f(False, "`prefix`: learn the prefix through a reparametrisation MLP (embedding -> Linear -> tanh -> Linear), as PEFT's `prefix_projection`; the saved PEFT adapter then holds the projected prefix.")
+    prefix_hidden: int = _f(0, "`prefix` with `prefix_projection`: hidden size of the MLP; 0 = the per-layer key/value width (num_key_value_heads x head_dim), PEFT's default.")
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -68,26 +80,54 @@ class AdapterConfig:
             raise ValueError('adapter.layers must be "all", an integer or a list of integers')
         if isinstance(self.layers, int) and self.layers < 1:
             raise ValueError("adapter.layers as an integer (last N blocks) must be >= 1")
+        if self.num_virtual_tokens < 1 or self.prefix_hidden < 0:
+            raise ValueError("adapter.num_virtual_tokens must be >= 1 and adapter.prefix_hidden >= 0 (0 = the key/value width)")
+        if self.method == "prompt" and self.prompt_init == "text" and not self.prompt_init_text.strip():
+            raise ValueError('adapter.prompt_init = "text" needs adapter.prompt_init_text, e.g. "Translate English to Turkish:"')
+        if self.prompt_init_text and self.prompt_init != "text":
+            raise ValueError('adapter.prompt_init_text is used only with adapter.prompt_init = "text": set that too, or remove the text')
+        if self.prefix_hidden and not self.prefix_projection:
+            raise ValueError("adapter.prefix_hidden is the size of the prefix_projection MLP: set adapter.prefix_projection = true, or remove prefix_hidden")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def label(self) -> str:
+        """Method and its main options, for messages and reports."""
+        return adapter_label(dataclasses.asdict(self))
+
+
+def adapter_label(a: dict[str, Any]) -> str:
+    """``lora r=8 alpha=16``, ``prompt 20 virtual tokens (text init)``, ... from an [adapter] table."""
+    method = a.get("method", "lora")
+    if method == "prompt":
+        return f"prompt {a.get('num_virtual_tokens')} virtual tokens ({a.get('prompt_init', 'random')} init)"
+    if method == "prefix":
+        mlp = f", projection MLP {a.get('prefix_hidden') or 'kv-width'}" if a.get("prefix_projection") else ""
+        return f"prefix {a.get('num_virtual_tokens')} virtual tokens{mlp}"
+    return f"{method} r={a.get('rank')} alpha={a.get('alpha'):g}" if isinstance(a.get("alpha"), (int, float)) else f"{method} r={a.get('rank')}"
+
 
 @dataclass
 class DataConfig:
     train: str = _f("", "Training data: a local .jsonl/.json/.csv/.parquet file (relative to the recipe file) or a hub dataset id.", required=True)
-    format: Literal["chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "code"] = _f("", "Record format, always explicit: " + ", ".join(f"`{f}`" for f in FORMATS) + ".", required=True)
+    format: Literal["chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "cefr_words", "code"] = _f("", "Record format, always explicit: " + ", ".join(f"`{f}`" for f in FORMATS) + ".", required=True)
     eval: str = _f("", "Separate eval data (same format). Empty: split `eval_fraction` off the training data.")
     split: str = _f("train", "Split name for a hub dataset.")
+    subset: str = _f("", "Configuration (subset) name of a hub dataset, e.g. `en-tr` of `Helsinki-NLP/opus-100`.")
     template: str = _f("chat", "Prompt template: `chat` (the model's chat template), `alpaca`, `plain`, or your own string containing `{prompt}`.")
     system_prompt: str = _f("", "System message for chat templates (empty: none).")
-    columns: dict[str, str] = _f({}, "Rename columns to the format's field names, e.g. `{ source = \"en\", target = \"tr\" }`.")
+    columns: dict[str, str] = _f({}, "Rename columns to the format's field names, e.g. `{ source = \"en\", target = \"tr\" }`; a dotted name reads a nested field (`{ source = \"translation.en\", target = \"translation.tr\" }`).")
     source_lang: str = _f("English", "Source language name used in translation prompts.")
     target_lang: str = _f("Turkish", "Target language name used in translation prompts.")
     eval_fraction: float = _f(0.1, "Share of records held out for eval when `eval` is empty.")
-    split_seed: int = _f(42, "Seed of the train/eval split.")
+    split_seed: int = _f(42, "Seed of the train/eval split (and, for `cefr_words`, of the word split and the grouping into lists).")
+    cefr_level: str = _f("", "`cefr_words`: use only rows of this CEFR level (`A1` ... `C2`; rows without a `level` field count as it). Empty: every row must have a `level`, and each level is grouped into lists of its own.")
+    cefr_records: int = _f(0, "`cefr_words`: list records to build per level, shared between train and eval by their number of sentences; 0: about one use of each (word, sentence) row (rows / 9.35, the mean list size).")
     max_examples: int = _f(0, "Use at most this many records (after the seeded shuffle); 0 = all.")
+    max_eval_examples: int = _f(0, "Use at most this many eval records (the first N of `eval` in file order, or of the held-out split); 0 = all.")
     max_seq_len: int = _f(512, "Longest example in tokens.")
     overlong: Literal["error", "drop", "truncate"] = _f("error", "What to do with examples longer than `max_seq_len`; they are always counted and reported.")
     loss_on: Literal["response", "full"] = _f("response", "Train on response tokens only, or on the full text. Eval always reports both.")
@@ -106,6 +146,12 @@ class DataConfig:
             raise ValueError("data.eval_fraction must be in (0, 1) when data.eval is empty")
         if self.max_seq_len < 8:
             raise ValueError("data.max_seq_len must be >= 8")
+        if self.max_examples < 0 or self.max_eval_examples < 0:
+            raise ValueError("data.max_examples and data.max_eval_examples must be >= 0 (0 = all)")
+        if self.cefr_level and self.cefr_level.strip().upper() not in ("A1", "A2", "B1", "B2", "C1", "C2"):
+            raise ValueError(f"data.cefr_level = {self.cefr_level!r} must be one of A1, A2, B1, B2, C1, C2 (or empty)")
+        if self.cefr_records < 0:
+            raise ValueError("data.cefr_records must be >= 0 (0 = about one use of each row)")
         if self.format == "text" and self.loss_on == "response":
             raise ValueError('data.format = "text" has no response part: set data.loss_on = "full"')
 
@@ -238,10 +284,10 @@ class Recipe:
 
     def __post_init__(self) -> None:
         fmt = self.data.format
-        needs = {"pass@k": ("code",), "cefr": ("cefr_list",)}
+        needs = {"pass@k": ("code",), "cefr": ("cefr_list", "cefr_words")}
         for m in self.eval.metrics:
             if m in needs and fmt not in needs[m]:
-                raise ValueError(f'eval.metrics: "{m}" needs data.format = "{needs[m][0]}" (this recipe reads "{fmt}")')
+                raise ValueError(f'eval.metrics: "{m}" needs data.format = ' + " or ".join(f'"{f}"' for f in needs[m]) + f' (this recipe reads "{fmt}")')
             if fmt == "text":
                 raise ValueError(f'eval.metrics: "{m}" needs a reference response, which data.format = "text" has not')
 
@@ -252,9 +298,14 @@ class Recipe:
                 f'adapter.method = "{self.adapter.method}" is not yet supported by this version of '
                 f"mlxtune on any backend (supported: {', '.join(SUPPORTED_METHODS)})"
             )
-        if self.model.quantize_bits:
-            raise ValueError("model.quantize_bits: training on a quantized base is not yet supported by this version of "
-                             "mlxtune (`mlxtune plan` reads it); set it to 0")
+        if self.adapter.method in VIRTUAL_METHODS and self.model.quantize_bits:
+            raise ValueError(f'model.quantize_bits = {self.model.quantize_bits}: adapter.method = "{self.adapter.method}" '
+                             "trains on a full-precision base only; set model.quantize_bits = 0")
+        if self.adapter.method == "prefix" and self.train.grad_checkpointing is True:
+            # transformers drops past_key_values under checkpointing, and MLX's checkpointed block
+            # cannot take the prefix cache: the prefix would silently vanish
+            raise ValueError('train.grad_checkpointing = true does not work with adapter.method = "prefix" '
+                             "(the prefix lives in the attention cache); set it to false")
 
     @property
     def run_name(self) -> str:
@@ -373,6 +424,26 @@ def _build_section(cls: type, table: dict[str, Any], where: str, prefix: str) ->
         raise MlxtuneError(f"{where}: {e}") from None
 
 
+def _check_method_keys(adapter: AdapterConfig, table: dict[str, Any], where: str) -> None:
+    """Refuse adapter keys the TOML (or --set) gives that the chosen method does not use. A key
+    written with its default value passes, so a recipe.resolved.toml (every key written) loads."""
+    applies = METHOD_KEYS.get(adapter.method, ())
+    defaults = {f.name: f for f in dataclasses.fields(AdapterConfig)}
+    foreign = sorted({k for keys in METHOD_KEYS.values() for k in keys} - set(applies))
+    bad = []
+    for key in foreign:
+        if key in table:
+            f = defaults[key]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+            if getattr(adapter, key) != default:
+                bad.append(key)
+    if bad:
+        raise MlxtuneError(
+            f"{where}: adapter.{', adapter.'.join(bad)} do{'es' if len(bad) == 1 else ''} not apply to adapter.method = "
+            f"\"{adapter.method}\"; its options are: {', '.join(applies)} (remove the others)"
+        )
+
+
 def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>", source: Path | None = None,
                      planning: bool = False) -> Recipe:
     """The typed recipe. ``planning`` accepts what only `mlxtune plan` can use yet (methods and
@@ -384,6 +455,7 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>", source: Path 
         if not isinstance(table, dict):
             raise MlxtuneError(f"{where}: '{name}' must be a [{name}] table")
         sections[name] = _build_section(cls, table, where, f"{name}.")
+    _check_method_keys(sections["adapter"], raw.get("adapter", {}), where)
     top_cls_fields = {"backend"}
     for key in top:
         if key not in top_cls_fields:

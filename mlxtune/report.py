@@ -163,7 +163,11 @@ def build_report(run: Path) -> str:
     lines = [f"# mlxtune run: {run.name}", ""]
     if m:
         lines.append(f"- model: `{m.get('path')}` ({m.get('dtype')})")
-    if a:
+    if a and a.get("method") in ("prompt", "prefix"):
+        from .recipe import adapter_label
+
+        lines.append(f"- adapter: {adapter_label(a)}; {start.get('trainable_parameters', 0):,} trainable parameters")
+    elif a:
         lines.append(f"- adapter: {a.get('method')} r={a.get('rank')} alpha={a.get('alpha')} dropout={a.get('dropout')} "
                      f"on {', '.join(a.get('target_modules', []))} (layers: {a.get('layers')}); "
                      f"{start.get('trainable_parameters', 0):,} trainable parameters")

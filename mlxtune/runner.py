@@ -70,7 +70,12 @@ def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe):
     backend = load_backend(name)
     layers = select_layers(int(read_config(model_dir)["num_hidden_layers"]), recipe.adapter.layers)
     backend.load(model_dir, recipe, layers)
-    backend.set_adapter_weights(init_lora(backend.adapter_shapes(), recipe.adapter.rank, recipe.train.seed))
+    if recipe.adapter.method in ("prompt", "prefix"):  # virtual tokens: shapes from config.json (mlxtune/virtual.py)
+        from .virtual import initial_weights
+
+        backend.set_adapter_weights(initial_weights(model_dir, read_config(model_dir), recipe))
+    else:
+        backend.set_adapter_weights(init_lora(backend.adapter_shapes(), recipe.adapter.rank, recipe.train.seed))
     return backend
 
 

@@ -143,3 +143,25 @@ name = "tiny"
         return p
 
     return write
+
+
+def train_run(backend_name, model_dir, recipe, train, evals, path, resume=False, fail_after=None):
+    """loop.train on a fresh backend into run dir ``path``; with ``fail_after``, train_step raises
+    a simulated crash after that many calls (for resume tests)."""
+    from mlxtune import loop
+    from mlxtune.rundir import RunDir
+    from mlxtune.runner import load_backend_with_adapter
+
+    b = load_backend_with_adapter(backend_name, model_dir, recipe)
+    b.setup_optimizer(recipe)
+    if fail_after is not None:
+        calls, orig = [0], b.train_step
+
+        def step(*a, **k):
+            calls[0] += 1
+            if calls[0] > fail_after:
+                raise RuntimeError("simulated crash")
+            return orig(*a, **k)
+        b.train_step = step
+    return loop.train(b, train, evals, recipe.train, recipe.eval, RunDir.create(path, resume=resume), 0,
+                      resume=resume, progress=False)

@@ -117,7 +117,7 @@ def test_core_imports_no_framework():
         "import sys\n"
         "import mlxtune.cli, mlxtune.recipe, mlxtune.data, mlxtune.batching, mlxtune.loop, mlxtune.rundir, "
         "mlxtune.runner, mlxtune.models, mlxtune.adapters, mlxtune.report, mlxtune.evaluation, mlxtune.evalcmd, "
-        "mlxtune.plots, mlxtune.compare, mlxtune.generation, mlxtune.metrics, mlxtune.sandbox, mlxtune.memory, backends\n"
+        "mlxtune.plots, mlxtune.compare, mlxtune.generation, mlxtune.metrics, mlxtune.sandbox, mlxtune.memory, mlxtune.virtual, backends\n"
         "from mlxtune.cli import cli\n"
         "from click.testing import CliRunner\n"
         "assert CliRunner().invoke(cli, ['--help']).exit_code == 0\n"

@@ -121,6 +121,23 @@ def test_columns_mapping_and_csv(tmp_path, tiny_tokenizer):
     assert rows[0]["source"] == "hello world" and rows[1]["target"] == "no"
 
 
+def test_dotted_columns_read_nested_fields_and_set_parses_a_table(tmp_path):
+    # OPUS-style rows, renamed with the --set form the EN->TR recipes document
+    p = tmp_path / "opus.jsonl"
+    p.write_text(json.dumps({"translation": {"en": "hello world", "tr": "merhaba"}, "id": 7}) + "\n")
+    (tmp_path / "r.toml").write_text('[data]\ntrain = "opus.jsonl"\nformat = "translation"\n')
+    recipe = load_recipe(tmp_path / "r.toml", ['data.columns={source="translation.en", target="translation.tr"}'])
+    rows = load_records(str(p), recipe.data, "r.toml")
+    assert rows == [{"id": 7, "source": "hello world", "target": "merhaba"}]
+
+
+def test_max_eval_examples_caps_a_separate_eval_file(tmp_path, tiny_tokenizer):
+    recs = [{"prompt": "say hello", "completion": "hello world"}] * 5
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    recipe = _recipe(tmp_path, recs, eval="e.jsonl", max_eval_examples=2)
+    assert len(build_dataset(recipe, tiny_tokenizer).eval) == 2
+
+
 def _recipe(tmp_path, records, **data):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in data.items())

@@ -44,6 +44,43 @@ def test_total_steps():
     assert total_steps(90, 4, 2, 0.0, 7) == 7
 
 
+class CountingBackend:
+    """Records the rows of every forward pass and which pass ended a step."""
+
+    last_grad_norm = 0.0
+
+    def __init__(self):
+        self.passes = []
+
+    def train_step(self, tokens, mask, denom, update, lr):
+        self.passes.append((len(tokens), update))
+        return float(mask.sum())
+
+    def peak_memory(self):
+        return 0
+
+    def save_adapter(self, path):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def test_training_by_epochs_never_borrows_from_an_extra_epoch(tmp_path):
+    from mlxtune.recipe import EvalConfig
+    from mlxtune.rundir import RunDir
+
+    # 10 examples, micro batch 4: 3 micro batches an epoch, 9 in 3 epochs; 2 per step -> 5 steps,
+    # the last one only the 9th micro batch (not one from a 4th epoch)
+    examples = [Example(np.arange(1, 6, dtype=np.int32), np.array([0, 0, 1, 1, 1], bool)) for _ in range(10)]
+    cfg = TrainConfig(epochs=3, micro_batch=4, grad_accum=2, lr=1e-3)
+    backend = CountingBackend()
+    run = RunDir.create(tmp_path / "run")
+    loop.train(backend, examples, [], cfg, EvalConfig(before=False), run, 0, progress=False)
+    trains = [e for e in run.events() if e["event"] == "train"]
+    assert [e["step"] for e in trains] == [1, 2, 3, 4, 5]
+    assert {e["epoch"] for e in trains} == {0, 1, 2}
+    assert sum(rows for rows, _ in backend.passes) == 30  # every example exactly 3 times
+    assert len(backend.passes) == 9 and [u for _, u in backend.passes].count(True) == 5 and backend.passes[-1][1]
+
+
 def test_collate_masks():
     ex = [Example(np.array([5, 6, 7], np.int32), np.array([0, 0, 1], bool)), Example(np.array([5, 8], np.int32), np.array([0, 1], bool))]
     b = collate(ex, pad_id=0)

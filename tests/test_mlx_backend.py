@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from backends.apple_mlx import MLXBackend, mlx_model_config  # noqa: E402
+from conftest import train_run  # noqa: E402
 from mlxtune.adapters import init_lora  # noqa: E402
 from mlxtune.errors import MlxtuneError  # noqa: E402
 from mlxtune.recipe import ALL_PROJECTIONS, recipe_from_dict  # noqa: E402
@@ -506,28 +507,13 @@ def test_compiled_and_eager_steps_agree(tiny_llama, dropout):
 
 def test_resume_through_the_loop_continues_identically(tiny_llama, tmp_path):
     """A run cut off after its step-4 checkpoint and resumed gives the uninterrupted run's losses."""
-    from mlxtune import loop
     from mlxtune.batching import eval_batches
-    from mlxtune.rundir import RunDir
-    from mlxtune.runner import load_backend_with_adapter
 
     recipe = make_recipe(steps=6, save_every=2, warmup_steps=2)
     train, evals = _examples(10, 16), eval_batches(_examples(11, 4), 4, 0)
 
     def start(path, resume=False, fail_after=None):
-        b = load_backend_with_adapter("mlx", tiny_llama, recipe)
-        b.setup_optimizer(recipe)
-        if fail_after is not None:
-            calls, orig = [0], b.train_step
-
-            def step(*a, **k):
-                calls[0] += 1
-                if calls[0] > fail_after:
-                    raise RuntimeError("simulated crash")
-                return orig(*a, **k)
-            b.train_step = step
-        run = RunDir.create(path, resume=resume)
-        return loop.train(b, train, evals, recipe.train, recipe.eval, run, 0, resume=resume, progress=False)
+        return train_run("mlx", tiny_llama, recipe, train, evals, path, resume, fail_after)
 
     start(tmp_path / "full")
     with pytest.raises(RuntimeError, match="simulated"):

@@ -22,11 +22,7 @@ def test_every_shipped_recipe_validates(path):
     r = load_recipe(path, planning=True)  # what `mlxtune plan` reads
     assert r.run_name == path.stem
     assert Path(r.resolve_path(r.data.train)).is_file(), "shipped recipes point at shipped data"
-    if r.adapter.method != "lora" or r.model.quantize_bits:  # planned, not trainable yet: refused clearly
-        with pytest.raises(MlxtuneError, match="not yet supported"):
-            load_recipe(path)
-    else:
-        load_recipe(path)
+    assert load_recipe(path) == r  # every method of the shipped recipes trains (qlora included)
 
 
 def test_defaults_and_types(tmp_path):
@@ -49,7 +45,13 @@ def test_defaults_and_types(tmp_path):
     (MINIMAL + "[train]\nwarmup_steps = 2\nwarmup_ratio = 0.1\n", ["warmup_steps or train.warmup_ratio"]),
     (MINIMAL + "[adapter]\nrank = 0\n", ["adapter.rank must be >= 1"]),
     (MINIMAL + "[adapter]\nlayers = \"some\"\n", ["adapter.layers"]),
-    (MINIMAL + "[adapter]\nmethod = \"prefix\"\n", ["not yet supported", "supported: lora"]),
+    (MINIMAL + "[adapter]\nmethod = \"prefix\"\nrank = 4\nprompt_init = \"text\"\n",
+     ["adapter.prompt_init, adapter.rank do not apply", "num_virtual_tokens, prefix_projection, prefix_hidden"]),
+    (MINIMAL + "[adapter]\nnum_virtual_tokens = 8\n", ["adapter.num_virtual_tokens does not apply", "rank, alpha"]),
+    (MINIMAL + "[adapter]\nmethod = \"prompt\"\nprompt_init = \"text\"\n", ["prompt_init_text"]),
+    (MINIMAL + "[adapter]\nmethod = \"prefix\"\nprefix_hidden = 64\n", ["prefix_projection = true"]),
+    (MINIMAL + "[adapter]\nmethod = \"prompt\"\n[model]\nquantize_bits = 4\n", ["model.quantize_bits = 4", "full-precision"]),
+    (MINIMAL + "[adapter]\nmethod = \"prefix\"\n[train]\ngrad_checkpointing = true\n", ["grad_checkpointing"]),
     ('[data]\nformat = "alpaca"\n', ["missing required key 'data.train'"]),
     ('[data]\ntrain = "d.jsonl"\n', ["missing required key 'data.format'"]),
     ('[data]\ntrain = "d.jsonl"\nformat = "sharegpt"\n', ["'data.format'", "prompt_completion"]),
