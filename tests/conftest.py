@@ -165,3 +165,23 @@ def train_run(backend_name, model_dir, recipe, train, evals, path, resume=False,
         b.train_step = step
     return loop.train(b, train, evals, recipe.train, recipe.eval, RunDir.create(path, resume=resume), 0,
                       resume=resume, progress=False)
+
+
+def ragged_batches(seed, n, vocab, b=2, lens=(9, 13, 7, 11)):
+    """``n`` right-padded (pad id 0) int32 batches of ``b`` rows with response-style masks: rows
+    get shorter by 2 tokens each (unless that leaves fewer than 4), the second half of a row is
+    its response."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        width = lens[i % len(lens)]
+        tokens = np.zeros((b, width), dtype=np.int32)
+        mask = np.zeros((b, width), dtype=bool)
+        for r in range(b):
+            length = width - (r * 2 if r * 2 < width - 3 else 0)
+            tokens[r, :length] = rng.integers(1, vocab, length)
+            mask[r, length // 2:length] = True
+        out.append((tokens, mask))
+    return out

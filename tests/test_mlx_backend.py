@@ -28,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from backends.apple_mlx import MLXBackend, mlx_model_config  # noqa: E402
-from conftest import train_run  # noqa: E402
+from conftest import ragged_batches, train_run  # noqa: E402
 from mlxtune.adapters import init_lora  # noqa: E402
 from mlxtune.errors import MlxtuneError  # noqa: E402
 from mlxtune.recipe import ALL_PROJECTIONS, recipe_from_dict  # noqa: E402
@@ -81,19 +81,7 @@ def mlx_backend(model_dir: Path, recipe, layers=(0, 1)) -> MLXBackend:
 
 
 def batches(seed: int, n: int, b: int = 2, lens=(9, 13, 7, 11)):
-    """Right-padded int32 token batches with response-style masks and ragged lengths."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        width = lens[i % len(lens)]
-        tokens = np.zeros((b, width), dtype=np.int32)
-        mask = np.zeros((b, width), dtype=bool)
-        for r in range(b):
-            length = width - (r * 2 if r * 2 < width - 3 else 0)
-            tokens[r, :length] = rng.integers(1, VOCAB, length)
-            mask[r, length // 2:length] = True
-        out.append((tokens, mask))
-    return out
+    return ragged_batches(seed, n, VOCAB, b, lens)
 
 
 @pytest.fixture(scope="module")

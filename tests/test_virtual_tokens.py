@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from conftest import train_run  # noqa: E402
+from conftest import ragged_batches, train_run  # noqa: E402
 from mlxtune.errors import MlxtuneError  # noqa: E402
 from mlxtune.recipe import recipe_from_dict  # noqa: E402
 from mlxtune.runner import load_backend_with_adapter  # noqa: E402
@@ -59,19 +59,7 @@ def vocab(model_dir) -> int:
 
 
 def batches(model_dir, seed: int, n: int, b: int = 3, lens=(9, 13, 7, 11)):
-    """Right-padded batches (pad id 0) with response masks and ragged rows."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        width = lens[i % len(lens)]
-        tokens = np.zeros((b, width), dtype=np.int32)
-        mask = np.zeros((b, width), dtype=bool)
-        for r in range(b):
-            length = width - 2 * r
-            tokens[r, :length] = rng.integers(1, vocab(model_dir), length)
-            mask[r, length // 2:length] = True
-        out.append((tokens, mask))
-    return out
+    return ragged_batches(seed, n, vocab(model_dir), b, lens)
 
 
 @pytest.fixture(scope="module")
