@@ -8,7 +8,8 @@
   (random and text init) and prefix tuning (with and without the projection MLP); eval with the
   adapter on and off;
 - adapters saved on one backend load on the other (and in PEFT) with the same eval loss;
-- generation: batched equals one by one, torch equals MLX, and torch equals PEFT's ``generate``.
+- generation: batched equals one by one, torch equals MLX, and torch equals PEFT's forward rerun
+  over the whole sequence (no cache); stock PEFT ``generate`` is checked against the same reference.
 """
 
 from __future__ import annotations
@@ -265,17 +266,51 @@ def test_generation_batched_equals_one_by_one_and_backends_agree(loaded, prompts
     assert out["torch-sampled"] == out["mlx-sampled"]
 
 
-@pytest.mark.parametrize("kind", ["prompt", "prefix"])
-def test_torch_generation_equals_peft_generate(loaded, prompts, kind):
-    """One unpadded prompt: PEFT's own ``generate`` (its prefix cache, positions and mask)."""
+def greedy_by_peft_forward(model, prompt: np.ndarray, n: int) -> list[int]:
+    """The reference: greedy tokens from PEFT's own forward over the whole sequence at every step.
+    No KV cache is carried between steps, so no cache API of transformers or PEFT is involved."""
+    seq = torch.from_numpy(prompt).long()[None]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(input_ids=seq).logits[0, -1].argmax()))
+            seq = torch.cat([seq, torch.tensor([[out[-1]]])], dim=1)
+    return out
+
+
+def peft_generate(model, prompt: np.ndarray, n: int) -> list[int]:
+    ids = torch.from_numpy(prompt).long()[None]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             min_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "prefix-mlp"])
+def test_torch_generation_equals_peft_forward(loaded, prompts, kind):
+    """mlxtune's cached generation equals PEFT's forward recomputed over the whole sequence."""
     b = loaded("torch", kind)
     b.model.eval()
     for p in prompts[1:3]:
-        ids = torch.from_numpy(p).long()[None]
-        with torch.no_grad():
-            ref = b.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                   min_new_tokens=6, pad_token_id=0)
-        assert ref[0, len(p):].tolist() == b.generate([p], 6)[0]
+        assert b.generate([p], 6)[0] == greedy_by_peft_forward(b.model, p, 6)
+
+
+# transformers 5.24.0 keeps generate's cache under `cache`; peft 0.21.2 looks for it under
+# `past_key_values`, so it re-injects prompt tuning's virtual tokens at every decode step and
+# hands prefix tuning's prefix over in a keyword transformers then ignores (the text equals the
+# base model's). pyproject.toml excludes that version; the lock pins 5.23.0.
+PEFT_GENERATE_BROKEN = transformers.__version__ == "5.24.0" and peft.__version__ == "0.21.2"
+
+
+@pytest.mark.xfail(PEFT_GENERATE_BROKEN, strict=True, reason="peft 0.21.2 generate under transformers 5.24.0")
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_stock_peft_generate_equals_peft_forward(loaded, prompts, kind):
+    """Stock PEFT's ``generate`` (its own prefix cache, positions and mask) on the same adapter:
+    which stack does what when the two disagree."""
+    b = loaded("torch", kind)
+    b.model.eval()
+    for p in prompts[1:3]:
+        assert peft_generate(b.model, p, 6) == greedy_by_peft_forward(b.model, p, 6)
 
 
 # ---------------------------------------------------------------- through the core's loop
@@ -351,15 +386,20 @@ def test_resume_restores_the_projection_mlp(tiny_model_dir, tmp_path, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", [
-    {"method": "prompt", "num_virtual_tokens": 8, "prompt_init": "text", "prompt_init_text": "Answer briefly:"},
-    {"method": "prefix", "num_virtual_tokens": 8, "prefix_projection": True, "prefix_hidden": 64},
+@pytest.mark.parametrize("adapter, later", [
+    ({"method": "prompt", "num_virtual_tokens": 8, "prompt_init": "text", "prompt_init_text": "Answer briefly:"}, 3e-5),
+    ({"method": "prefix", "num_virtual_tokens": 8, "prefix_projection": True, "prefix_hidden": 64}, 1e-3),
 ])
-def test_smollm2_steps_match_between_backends(embedded_model_dir, adapter):
+def test_smollm2_steps_match_between_backends(embedded_model_dir, adapter, later):
     """The embedded SmolLM2-135M (GQA 9/3 heads, 30 layers, its real tokenizer for the text init):
-    4 steps, per-step losses within 2e-4 relative. PEFT's normal(0, 1) prefix init sends this
-    model's loss to ~17 on a steep slope, where fp32 rounding moves a step's loss by ~1e-3 (7e-5
-    relative): measured 1e-4..1.7e-3 for prefix with projection at lr 1e-3, 4e-5 for prompt."""
+    4 steps. Step 1 (same weights on both: one forward and backward) within 3e-5 relative; steps
+    2-4 within ``later``. PEFT's normal(0, 1) prefix init sends this model's loss to ~17 on a steep
+    slope, where Adam's first, sign-like updates turn fp32 rounding into different weights: on a
+    2-core AMD EPYC with OpenBLAS, torch against torch started from the same init times
+    (1 +- 3e-7) differs by 2.2e-4 at step 4 and 1.2e-3 at step 6, and MLX against torch by
+    5.8e-6 at step 1, 2.5e-4 at step 4 and 1.5e-3 at step 6; torch alone with its own BLAS instead
+    of OpenBLAS moves step 4 by 2.3e-4 (the machine this test was first written on kept step 4
+    under 2e-4). Prompt tuning stays at ~3e-6 on every step."""
     recipe = recipe_from_dict({"data": {"train": "x.jsonl", "format": "chat"}, "adapter": adapter,
                                "train": {"lr": 1e-3, "grad_clip": 1.0, "seed": 3, "micro_batch": 2, "grad_accum": 1}})
     rng = np.random.default_rng(0)
@@ -377,7 +417,7 @@ def test_smollm2_steps_match_between_backends(embedded_model_dir, adapter):
         del b
     devs = [abs(a - c) / c for a, c in zip(losses["mlx"], losses["torch"])]
     print(f"SmolLM2 {adapter['method']}: per-step |mlx - torch| / torch:", ", ".join(f"{d:.1e}" for d in devs))
-    assert max(devs) < 2e-4
+    assert devs[0] < 3e-5 and max(devs[1:]) < later
     assert losses["mlx"][3] < losses["mlx"][0]
 
 
