@@ -18,7 +18,7 @@ import numpy as np
 from mlxtune.errors import MlxtuneError
 
 if TYPE_CHECKING:
-    from mlxtune.recipe import Recipe
+    from mlxtune.recipe.schema import Recipe
 
 # name -> (module, class, pip extra)
 BACKENDS = {
@@ -42,7 +42,7 @@ class Backend(Protocol):
 
     Prompt and prefix tuning (``adapter.method = "prompt" | "prefix"``): the weights cross in PEFT's
     prompt-encoder names and layout (``embedding.weight``, and ``transform.0/2.weight/bias`` for
-    the projection MLP; ``mlxtune/virtual.py``), ``adapter_shapes`` returns name -> shape, the
+    the projection MLP; ``mlxtune/adapters/virtual.py``), ``adapter_shapes`` returns name -> shape, the
     token arrays and masks still describe the real tokens only (the virtual tokens are in front
     of every row and never carry loss), and adapters are saved in PEFT's format on both backends.
     """
@@ -56,7 +56,7 @@ class Backend(Protocol):
 
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Module path -> (in_features, out_features) of every adapted linear layer; for prompt
-        and prefix tuning, weight name -> shape (``mlxtune.virtual.VirtualSpec.shapes``)."""
+        and prefix tuning, weight name -> shape (``mlxtune.adapters.virtual.VirtualSpec.shapes``)."""
 
     def set_adapter_weights(self, weights: dict[str, np.ndarray]) -> None: ...
 
@@ -74,7 +74,7 @@ class Backend(Protocol):
         learning rate ``lr``, zero the gradients. Returns the NLL sum (not divided).
 
         On an allocation failure: discard the gradients accumulated since the last update and
-        raise ``mlxtune.memory.OutOfMemory``; the loop retries the step in smaller passes. The
+        raise ``mlxtune.planning.memory.OutOfMemory``; the loop retries the step in smaller passes. The
         loss is computed from the final hidden states of the masked positions only, with the
         vocabulary projection in chunks (never B x T x V logits)."""
 
@@ -103,7 +103,7 @@ class Backend(Protocol):
         same call gives the same output. ``adapter=False`` generates with the base model.
 
         Backends left-pad the batch (``pad_id``; padding never changes a row's result), keep a
-        KV cache, and leave sampling and stopping to :func:`mlxtune.generation.decode_loop`."""
+        KV cache, and leave sampling and stopping to :func:`mlxtune.evaluation.generation.decode_loop`."""
 
     def peak_memory(self) -> int:
         """Peak memory in bytes since load (see the backend's docstring for what is measured)."""

@@ -32,7 +32,7 @@ Parity with the torch backend (DESIGN.md section 5) rests on these choices:
   cross-entropy in float32, summed; the step differentiates ``sum / denom`` and accumulates
   gradients over micro-batches, so the loss is token-weighted across the accumulation window.
   As on torch, only the hidden states of masked positions go through the head, in chunks of
-  :func:`mlxtune.memory.ce_chunk_rows` rows (see :func:`_loss`): full B x T x V logits never exist.
+  :func:`mlxtune.planning.memory.ce_chunk_rows` rows (see :func:`_loss`): full B x T x V logits never exist.
 - **Same optimizer.** ``mlx.optimizers.AdamW`` with ``bias_correction=True`` (MLX defaults to
   False) and decoupled weight decay ``p *= 1 - lr * wd`` (as ``torch.optim.AdamW``), global-norm
   clipping with ``clip_grad_norm`` (same formula as ``torch.nn.utils.clip_grad_norm_``), the
@@ -67,13 +67,13 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
-from mlxtune.adapters import MAGNITUDE, check_adapter, check_weight_keys, read_adapter
+from mlxtune.adapters.lora import MAGNITUDE, check_adapter, check_weight_keys, read_adapter
 from mlxtune.errors import MlxtuneError
-from mlxtune.memory import OutOfMemory, ce_chunk_rows, is_out_of_memory
-from mlxtune.models import read_config
-from mlxtune.quantization import base_bits, mlx_label
-from mlxtune.recipe import VIRTUAL_METHODS
-from mlxtune.virtual import VirtualSpec, load_virtual, save_virtual
+from mlxtune.planning.memory import OutOfMemory, ce_chunk_rows, is_out_of_memory
+from mlxtune.models.source import read_config
+from mlxtune.models.quantization import base_bits, mlx_label
+from mlxtune.recipe.schema import VIRTUAL_METHODS
+from mlxtune.adapters.virtual import VirtualSpec, load_virtual, save_virtual
 
 from .mlx_virtual import VirtualTokens
 from .mlx_virtual import attach as attach_virtual
@@ -81,7 +81,7 @@ from .mlx_virtual import body as virtual_body
 from .mlx_virtual import generation_cache as virtual_generation_cache
 
 if TYPE_CHECKING:
-    from mlxtune.recipe import Recipe
+    from mlxtune.recipe.schema import Recipe
 
 # model_type -> fields mlx-lm's ModelArgs reads that must equal transformers' values.
 _COMMON = (
@@ -395,7 +395,7 @@ def _dora_class() -> type:
 
 def _quantize_base(model: nn.Module, bits: int, group_size: int, where: Path) -> None:
     """Affine quantization of every layer that has ``to_quantized`` (linear layers, embedding,
-    head: what mlxtune/memory.py counts), refusing layers whose input size is not a multiple of
+    head: what mlxtune/planning/memory.py counts), refusing layers whose input size is not a multiple of
     the group size rather than leaving them in full precision unannounced."""
     layers = [(p, m) for p, m in model.named_modules() if hasattr(m, "to_quantized") and "weight" in m]
     bad = sorted({int(m.weight.shape[-1]) for _, m in layers if m.weight.shape[-1] % group_size})
@@ -512,7 +512,7 @@ class MLXBackend:
     # ---------------------------------------------------------------- adapter weights
 
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """LoRA: module path -> (in, out); prompt/prefix: weight name -> shape (mlxtune/virtual.py)."""
+        """LoRA: module path -> (in, out); prompt/prefix: weight name -> shape (mlxtune/adapters/virtual.py)."""
         self._need()
         if self.virtual is not None:
             return self.virtual.spec.shapes()
@@ -757,7 +757,7 @@ class MLXBackend:
         """
         from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-        from mlxtune.generation import check_sampling, decode_loop, left_pad
+        from mlxtune.evaluation.generation import check_sampling, decode_loop, left_pad
 
         model = self._need()
         check_sampling(temperature, top_p)
@@ -798,7 +798,7 @@ class MLXBackend:
     def describe(self) -> dict[str, str]:
         import mlx_lm
 
-        from mlxtune.blas import blas_summary
+        from mlxtune.system.blas import blas_summary
 
         dev = mx.default_device()
         device = "gpu (Metal)" if dev.type == mx.gpu and mx.metal.is_available() else str(dev.type).split(".")[-1]

@@ -14,7 +14,7 @@ The trainable weights live in a :class:`VirtualTokens` module attached to the mo
   preallocated buffer (mlx-lm's ``KVCache``) so gradients flow into the prefix.
 
 Grouped-query attention: the prefix has num_key_value_heads heads per layer (PEFT's layout, see
-``mlxtune/virtual.py``); mlx's attention repeats them for the query heads like the real keys.
+``mlxtune/adapters/virtual.py``); mlx's attention repeats them for the query heads like the real keys.
 
 Generation: the prefix (or, for prompt tuning, the virtual tokens' keys and values, computed once
 for one row: they attend only to each other) sits at the start of every row's cache, then the
@@ -31,9 +31,9 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxtune.virtual import EMBED_KEY, VirtualSpec
+from mlxtune.adapters.virtual import EMBED_KEY, VirtualSpec
 
-# mlxtune/virtual.py's PEFT names -> this module's parameter paths
+# mlxtune/adapters/virtual.py's PEFT names -> this module's parameter paths
 _MLP = {"transform.0.weight": "proj_in.weight", "transform.0.bias": "proj_in.bias",
         "transform.2.weight": "proj_out.weight", "transform.2.bias": "proj_out.bias"}
 

@@ -4,7 +4,7 @@ Adapters: peft's LoRA; DoRA is peft's ``use_dora`` (its magnitude crosses the ba
 ``<module>.lora_magnitude``); a quantized base (``qlora``, or ``model.quantize_bits`` > 0) is
 loaded with bitsandbytes on CUDA only (4 bits: NF4, double quantization, bfloat16 compute; 8
 bits: LLM.int8) and prepared with peft's ``prepare_model_for_kbit_training``; elsewhere the
-load stops with :func:`mlxtune.quantization.torch_problem`'s message.
+load stops with :func:`mlxtune.models.quantization.torch_problem`'s message.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only); elsewhere the
 process's peak resident set size (``getrusage``), which includes Python and the libraries.
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlxtune.adapters import MAGNITUDE, check_adapter, check_weight_keys, read_adapter
+from mlxtune.adapters.lora import MAGNITUDE, check_adapter, check_weight_keys, read_adapter
 from mlxtune.errors import MlxtuneError
-from mlxtune.memory import OutOfMemory, ce_chunk_rows, is_out_of_memory
-from mlxtune.quantization import base_bits, torch_label, torch_problem
-from mlxtune.recipe import VIRTUAL_METHODS, Recipe
-from mlxtune.virtual import VirtualSpec
+from mlxtune.planning.memory import OutOfMemory, ce_chunk_rows, is_out_of_memory
+from mlxtune.models.quantization import base_bits, torch_label, torch_problem
+from mlxtune.recipe.schema import VIRTUAL_METHODS, Recipe
+from mlxtune.adapters.virtual import VirtualSpec
 
 from .torch_virtual import VirtualTorch, generate_virtual
 from .torch_virtual import check_supported as check_virtual
@@ -223,7 +223,7 @@ class TorchBackend:
         return {name.removeprefix(PEFT_PREFIX): m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
 
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """LoRA: module path -> (in, out); prompt/prefix: weight name -> shape (mlxtune/virtual.py)."""
+        """LoRA: module path -> (in, out); prompt/prefix: weight name -> shape (mlxtune/adapters/virtual.py)."""
         if self.virtual is not None:
             return self.virtual.spec.shapes()
         return {n: (m.in_features, m.out_features) for n, m in self._lora_modules().items()}
@@ -291,7 +291,7 @@ class TorchBackend:
 
     def train_step(self, tokens: np.ndarray, mask: np.ndarray, denom: int, update: bool, lr: float) -> float:
         """See ``Backend.train_step``. An out-of-memory error discards the gradients accumulated
-        since the last update and raises :class:`mlxtune.memory.OutOfMemory`, so the loop can
+        since the last update and raises :class:`mlxtune.planning.memory.OutOfMemory`, so the loop can
         retry the whole step with smaller micro batches."""
         self.model.train()
         tok = self._tensor(tokens).long()
@@ -399,7 +399,7 @@ class TorchBackend:
         """
         from transformers import DynamicCache
 
-        from mlxtune.generation import check_sampling, decode_loop, left_pad
+        from mlxtune.evaluation.generation import check_sampling, decode_loop, left_pad
 
         check_sampling(temperature, top_p)
         if not prompts or max_tokens < 1:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mlxtune.errors import MlxtuneError
-from mlxtune.virtual import VirtualSpec, load_virtual, save_virtual
+from mlxtune.adapters.virtual import VirtualSpec, load_virtual, save_virtual
 
 
 def peft_config(spec: VirtualSpec) -> Any:
@@ -53,7 +53,7 @@ class VirtualTorch:
         self.body = self.base.base_model  # the decoder without the head
         self.enabled = True
         have = {k: tuple(v.shape) for k, v in self.encoder.state_dict().items()}
-        if have != spec.shapes():  # PEFT and mlxtune/virtual.py must agree on the layout
+        if have != spec.shapes():  # PEFT and mlxtune/adapters/virtual.py must agree on the layout
             raise MlxtuneError(f"PEFT's {spec.method} encoder {have} differs from mlxtune's layout {spec.shapes()}")
 
     # -- weights --------------------------------------------------------------------
@@ -166,7 +166,7 @@ def generate_virtual(virtual: VirtualTorch, prompts: list[np.ndarray], max_token
                      top_p: float, seed: int, eos_ids: Sequence[int], pad_id: int, adapter: bool,
                      should_stop: Callable[[list[int]], bool] | None, device: torch.device) -> list[list[int]]:
     """``Backend.generate`` for a prompt/prefix model (see :meth:`VirtualTorch.generate`)."""
-    from mlxtune.generation import decode_loop, left_pad
+    from mlxtune.evaluation.generation import decode_loop, left_pad
 
     ids, padding = left_pad(prompts, pad_id)
 

@@ -52,10 +52,10 @@ class Counting:
 
 def measure(name: str, n: int, max_tokens: int, batch_size: int) -> dict[str, Any]:
     """Runs in the worker process: load, warm up, time batched then one-by-one."""
-    from mlxtune.data import encode_prompt
-    from mlxtune.generation import GenSettings, generate_texts
-    from mlxtune.recipe import load_recipe
-    from mlxtune.runner import load_backend_with_adapter, prepare
+    from mlxtune.data.records import encode_prompt
+    from mlxtune.evaluation.generation import GenSettings, generate_texts
+    from mlxtune.recipe.schema import load_recipe
+    from mlxtune.training.session import load_backend_with_adapter, prepare
 
     recipe = load_recipe(RECIPE)
     model_dir, tokenizer, data = prepare(recipe)
@@ -80,7 +80,7 @@ def measure(name: str, n: int, max_tokens: int, batch_size: int) -> dict[str, An
 
 
 def run_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    from mlxtune.blas import openblas_path
+    from mlxtune.system.blas import openblas_path
 
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)

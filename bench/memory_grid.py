@@ -1,4 +1,4 @@
-"""How well mlxtune's memory model (mlxtune/memory.py) predicts the peak memory of a training step.
+"""How well mlxtune's memory model (mlxtune/planning/memory.py) predicts the peak memory of a training step.
 
 Not a test (minutes of CPU): run by hand, one grid point at a time in a fresh subprocess.
 
@@ -26,7 +26,7 @@ the worst case the planner assumes):
   minus the RSS before the model was loaded). The mmapped safetensors pages count in RSS too.
 - **torch on CUDA** (when a GPU is there): ``torch.cuda.max_memory_allocated``.
 
-The prediction is :func:`mlxtune.memory.estimate` for the same model config, micro batch,
+The prediction is :func:`mlxtune.planning.memory.estimate` for the same model config, micro batch,
 sequence length, rank and checkpointing, without the framework-overhead line (which the
 measurements above do not contain).
 """
@@ -86,7 +86,7 @@ def random_config(name: str) -> dict:
     return {keys[k]: (bool(int(v)) if k == "tie" else int(v)) for k, v in spec.items()}
 
 
-# Calibration of MLX's backward working set (mlxtune.memory.MLX_BACKWARD): random llama shapes
+# Calibration of MLX's backward working set (mlxtune.planning.memory.MLX_BACKWARD): random llama shapes
 # that are none of the grid's models, at several (micro batch, sequence) points; MLP-, hidden- and
 # attention-dominated shapes so the three coefficients are told apart.
 CALIBRATION_MODELS = [
@@ -103,7 +103,7 @@ CALIBRATION_SHAPES = [(4, 128), (1, 512), (4, 512), (8, 256), (2, 1024)]
 
 def model_dir(name: str) -> Path:
     if name == "smollm2":
-        from mlxtune.models import resolve_model
+        from mlxtune.models.source import resolve_model
 
         return resolve_model("embedded:smollm2-135m-instruct")
     path = MODELS / name.replace(":", "_").replace(",", "_").replace("=", "")
@@ -132,8 +132,8 @@ def _status(key: str) -> int:
 def measure(point: dict) -> dict:
     import numpy as np
 
-    from mlxtune.recipe import recipe_from_dict
-    from mlxtune.runner import load_backend_with_adapter
+    from mlxtune.recipe.schema import recipe_from_dict
+    from mlxtune.training.session import load_backend_with_adapter
 
     backend = point["backend"]
     if backend == "mlx":
@@ -190,8 +190,8 @@ def measure(point: dict) -> dict:
 
 
 def predict(point: dict) -> dict:
-    from mlxtune.memory import Setup, estimate
-    from mlxtune.models import read_config
+    from mlxtune.planning.memory import Setup, estimate
+    from mlxtune.models.source import read_config
 
     cfg = read_config(model_dir(point["model"]))
     setup = Setup(backend=point["backend"], device="cpu", dtype=point.get("dtype", "float32"), rank=point["rank"],
@@ -228,8 +228,8 @@ def real_models() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mlxtune.memory import Setup, estimate, gib
-    from mlxtune.planner import SHARE, find_config, make_plan
+    from mlxtune.planning.memory import Setup, estimate, gib
+    from mlxtune.planning.planner import SHARE, find_config, make_plan
 
     table = Table(title="batch plans from the memory model: a 16 or 24 GiB Mac (MLX, 70% budget) or GPU (torch, "
                         "90%), the recipe's effective batch kept, every example up to max_seq_len")
@@ -286,7 +286,7 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,smollm2", help="comma-separated models of the grid to run")
     ap.add_argument("--json", help="write all points to this file")
     ap.add_argument("--timeout", type=int, default=1200)
-    ap.add_argument("--calibrate", action="store_true", help="measure the calibration points and fit mlxtune.memory.MLX_BACKWARD")
+    ap.add_argument("--calibrate", action="store_true", help="measure the calibration points and fit mlxtune.planning.memory.MLX_BACKWARD")
     ap.add_argument("--real-models", action="store_true", help="print the plans for the recipes' real models (no measurement)")
     args = ap.parse_args()
     if args.real_models:

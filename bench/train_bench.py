@@ -59,7 +59,7 @@ MLX_KEYS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj"
 
 def bench_recipe(path: Path, steps: int, warmup: int):
     """The recipe with ``train.steps = warmup + steps``, checked for settings every tool can express."""
-    from mlxtune.recipe import load_recipe
+    from mlxtune.recipe.schema import load_recipe
 
     recipe = load_recipe(path, [f"train.steps={warmup + steps}"])
     t, d = recipe.train, recipe.data
@@ -79,7 +79,7 @@ def bench_recipe(path: Path, steps: int, warmup: int):
 
 def adapted_blocks(recipe, n_blocks: int) -> list[int]:
     """The blocks the recipe adapts; mlx-lm can only adapt the last N (its ``num_layers``)."""
-    from mlxtune.adapters import select_layers
+    from mlxtune.adapters.lora import select_layers
 
     layers = select_layers(n_blocks, recipe.adapter.layers)
     if layers != list(range(n_blocks - len(layers), n_blocks)):
@@ -90,7 +90,7 @@ def adapted_blocks(recipe, n_blocks: int) -> list[int]:
 def export_data(data, recipe, work: Path) -> dict[str, Path]:
     """The split mlxtune uses, as the raw tools read it: chat jsonl for mlx-lm, conversational
     prompt/completion jsonl for TRL (its completion-only loss then trains the assistant turn)."""
-    from mlxtune.data import record_to_messages
+    from mlxtune.data.records import record_to_messages
 
     def convs(records: list[dict]) -> list[list[dict]]:
         out = []
@@ -119,7 +119,7 @@ def export_data(data, recipe, work: Path) -> dict[str, Path]:
 
 def child_env(mlx: bool) -> dict[str, str]:
     """OpenBLAS preloaded for MLX processes only (torch on CPU is ~2.5x slower with it)."""
-    from mlxtune.blas import openblas_path
+    from mlxtune.system.blas import openblas_path
 
     env = dict(os.environ)
     preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if "openblas" not in p]
@@ -188,7 +188,7 @@ def run_variant(name: str, job: Job, out: Path) -> dict[str, Any]:
 
 
 def run_mlxtune(name: str, backend: str, job: Job, out: Path) -> dict[str, Any]:
-    from mlxtune.rundir import read_metrics
+    from mlxtune.runs.rundir import read_metrics
 
     path = write_recipe(job.recipe, out / f"{name}.toml", backend=backend, output={"dir": str(out), "name": name},
                         train_extra=torch_switches(job.precision) if backend == "torch" else {})
@@ -270,10 +270,10 @@ def run_scorer(recipe, variants: dict[str, dict[str, Any]], work: Path) -> None:
 
 def score(recipe_path: str, adapters_json: str, out: str) -> None:
     """Response-only eval loss of each adapter on the eval split, with mlxtune's evaluator."""
-    from mlxtune.batching import eval_batches
-    from mlxtune.loop import evaluate
-    from mlxtune.recipe import load_recipe
-    from mlxtune.runner import load_backend_with_adapter, pad_id, prepare
+    from mlxtune.data.batching import eval_batches
+    from mlxtune.training.loop import evaluate
+    from mlxtune.recipe.schema import load_recipe
+    from mlxtune.training.session import load_backend_with_adapter, pad_id, prepare
 
     recipe = load_recipe(recipe_path)
     model_dir, tokenizer, data = prepare(recipe)
@@ -364,9 +364,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare_job(recipe_path: Path, steps: int, warmup: int, precision: str, work: Path) -> tuple[Job, Any]:
     """The checked recipe, the model, the data files of the raw tools and mlxtune's batch plan."""
-    from mlxtune.batching import train_stream
-    from mlxtune.models import read_config
-    from mlxtune.runner import pad_id, prepare
+    from mlxtune.data.batching import train_stream
+    from mlxtune.models.source import read_config
+    from mlxtune.training.session import pad_id, prepare
 
     recipe = bench_recipe(recipe_path, steps, warmup)
     model_dir, tokenizer, data = prepare(recipe)

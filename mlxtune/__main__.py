@@ -1,3 +1,3 @@
-from .cli import main
+from mlxtune.cli.main import main
 
 main()

@@ -8,7 +8,7 @@
    contains the word or an inflection, 6-14 words, ASCII, and the share of its other words that
    cefrpy puts at or below its level is reported (and must stay above a floor).
 3. List records: ``data/cefr/cefr_a1_list.jsonl`` and ``cefr_a2_list.jsonl`` (format
-   ``cefr_list``), grouped by mlxtune's own ``cefr_words`` code (:mod:`mlxtune.wordlists`),
+   ``cefr_list``), grouped by mlxtune's own ``cefr_words`` code (:mod:`mlxtune.data.wordlists`),
    300 records each, seed 42.
 
 Needs at build time only: cefrpy (the word levels; the ``eval`` extra) and the embedded model's
@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mlxtune.metrics import CEFR_LEVELS, inflections, uses_word, words_of  # noqa: E402
-from mlxtune.wordlists import group_rows  # noqa: E402
+from mlxtune.evaluation.metrics import CEFR_LEVELS, inflections, uses_word, words_of  # noqa: E402
+from mlxtune.data.wordlists import group_rows  # noqa: E402
 
 OUT = REPO / "data" / "cefr"
 SENTENCES = OUT / "sentences.jsonl"
@@ -63,7 +63,7 @@ def gguf_vocab() -> set[str]:
     a frequency filter that needs no network."""
     from gguf import GGUFReader
 
-    from mlxtune.models import _embedded_gguf
+    from mlxtune.models.source import _embedded_gguf
 
     field = GGUFReader(_embedded_gguf()).fields["tokenizer.ggml.tokens"]
     tokens = (bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data)
@@ -85,7 +85,7 @@ def level_of(value: float) -> int:
 
 
 def inflected_forms(table: dict[str, dict[str, float]]) -> set[str]:
-    """Words that are an inflection (mlxtune.metrics.inflections) of another word of three or
+    """Words that are an inflection (mlxtune.evaluation.metrics.inflections) of another word of three or
     more letters and no higher level: the -s of a noun or verb ("houses", "takes"), the -ed/-ing
     or irregular form of a verb ("remembered", "rode"), the -er/-est of an adjective tagged as a
     comparative ("bigger"). cefrpy gives such forms base tags too

@@ -18,7 +18,7 @@ Before writing anything it checks that
 - the own problems do not overlap HumanEval: no shared function name, and no docstring close
   to a HumanEval docstring (word-set Jaccard and difflib ratio of the normalised text);
 - every solution (HumanEval's canonical ones included) passes its tests through mlxtune's own
-  pass@k scoring path (``mlxtune.evaluation.score_outputs`` on the record's reference answer,
+  pass@k scoring path (``mlxtune.evaluation.scoring.score_outputs`` on the record's reference answer,
   which runs ``extract_code`` + ``humaneval_program`` in the sandbox);
 - every own problem's tests fail for a stub that returns None (the tests can fail).
 
@@ -45,8 +45,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the checkout's mlxtune, also when it is not installed
 
-from mlxtune.evaluation import reference, score_outputs  # noqa: E402
-from mlxtune.recipe import Recipe, recipe_from_dict  # noqa: E402
+from mlxtune.evaluation.scoring import reference, score_outputs  # noqa: E402
+from mlxtune.recipe.schema import Recipe, recipe_from_dict  # noqa: E402
 
 OUT_DIR = REPO / "data" / "code"
 SOURCE = OUT_DIR / "problems.txt"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from mlxtune.lock import LOCK_PATH, parse_pins, read_lock, render_lock  # noqa: E402
+from mlxtune.system.lock import LOCK_PATH, parse_pins, read_lock, render_lock  # noqa: E402
 
 # Where the two backends must agree and where transformers/peft/mlx-lm APIs are used directly.
 SUBSET = ["tests/test_mlx_backend.py", "tests/test_virtual_tokens.py", "tests/test_adapter_methods.py",

@@ -45,5 +45,5 @@ if [[ "$(uname -s)" == "Linux" ]] && [[ ! -e /usr/lib/x86_64-linux-gnu/openblas-
   fi
 fi
 # Every locked package that is installed is at its tested version (else it says which are not).
-[[ -n "${MLXTUNE_UNLOCKED:-}" ]] || python -m mlxtune.lock
+[[ -n "${MLXTUNE_UNLOCKED:-}" ]] || python -m mlxtune.system.lock
 echo "mlxtune installed: $(mlxtune --version)"

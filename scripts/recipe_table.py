@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlxtune.data import build_dataset  # noqa: E402
-from mlxtune.memory import Setup, Shape, estimate, gib, parse_size  # noqa: E402
-from mlxtune.planner import MARGIN, find_config, make_plan  # noqa: E402
-from mlxtune.recipe import load_recipe  # noqa: E402
+from mlxtune.data.records import build_dataset  # noqa: E402
+from mlxtune.planning.memory import Setup, Shape, estimate, gib, parse_size  # noqa: E402
+from mlxtune.planning.planner import MARGIN, find_config, make_plan  # noqa: E402
+from mlxtune.recipe.schema import load_recipe  # noqa: E402
 
 # Sustained training throughput assumed for the time estimate, FLOP/s. An M4-class 10-core GPU
 # peaks near 4 TFLOP/s (fp16/bf16); MLX LoRA steps sustain roughly half of it. An RTX 4090 peaks at
@@ -37,7 +37,7 @@ NF4_SLOWDOWN = 2.0
 
 def token_counts(recipe) -> tuple[list[int], int]:
     """(example lengths, loss tokens) of one epoch of the recipe's training split."""
-    from mlxtune.models import load_tokenizer, resolve_model
+    from mlxtune.models.source import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model("embedded:smollm2-135m-instruct"), False)
     data = build_dataset(dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, overlong="truncate")), tok)

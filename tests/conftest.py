@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlxtune import blas
+from mlxtune.system import blas
 
 
 def pytest_configure(config):
@@ -24,7 +24,7 @@ def embedded_model_dir():
     Uses the ordinary cache (`$MLXTUNE_CACHE` if set, else `~/.cache/mlxtune`), so the one-time
     GGUF conversion (~25 s, ~540 MB) is shared with the quickstart and later test sessions.
     """
-    from mlxtune.models import resolve_model
+    from mlxtune.models.source import resolve_model
 
     return resolve_model("embedded:smollm2-135m-instruct")
 
@@ -148,9 +148,9 @@ name = "tiny"
 def train_run(backend_name, model_dir, recipe, train, evals, path, resume=False, fail_after=None):
     """loop.train on a fresh backend into run dir ``path``; with ``fail_after``, train_step raises
     a simulated crash after that many calls (for resume tests)."""
-    from mlxtune import loop
-    from mlxtune.rundir import RunDir
-    from mlxtune.runner import load_backend_with_adapter
+    from mlxtune.training import loop
+    from mlxtune.runs.rundir import RunDir
+    from mlxtune.training.session import load_backend_with_adapter
 
     b = load_backend_with_adapter(backend_name, model_dir, recipe)
     b.setup_optimizer(recipe)

@@ -29,9 +29,9 @@ from test_mlx_backend import batches, make_model, make_recipe  # noqa: E402
 
 from backends.apple_mlx import MLXBackend, _dora_class, mlx_model_config  # noqa: E402
 from backends.torch_peft import TorchBackend  # noqa: E402
-from mlxtune.adapters import MAGNITUDE  # noqa: E402
+from mlxtune.adapters.lora import MAGNITUDE  # noqa: E402
 from mlxtune.errors import MlxtuneError  # noqa: E402
-from mlxtune.runner import load_backend_with_adapter  # noqa: E402
+from mlxtune.training.session import load_backend_with_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +254,9 @@ def test_group_size_must_divide_every_quantized_layer(tiny):
 
 
 def test_quantization_is_recorded_in_the_run_and_report(tiny_recipe):
-    from mlxtune.recipe import load_recipe
-    from mlxtune.rundir import read_metrics
-    from mlxtune.runner import run
+    from mlxtune.recipe.schema import load_recipe
+    from mlxtune.runs.rundir import read_metrics
+    from mlxtune.training.session import run
 
     r = load_recipe(tiny_recipe(), ['adapter.method="qlora"', "train.steps=4", "train.eval_every=2"])
     run_dir, summary = run(r, "mlx", progress=False)
@@ -280,8 +280,8 @@ def test_torch_refuses_a_quantized_base_without_cuda(tiny):
 
 
 def test_validate_says_torch_cannot_quantize_here(tmp_path, monkeypatch):
-    import mlxtune.quantization as q
-    from mlxtune.cli import cli
+    import mlxtune.models.quantization as q
+    from mlxtune.cli.main import cli
 
     monkeypatch.setattr(q, "cuda_visible", lambda: False)
     path = tmp_path / "r.toml"
@@ -303,7 +303,7 @@ def test_validate_says_torch_cannot_quantize_here(tmp_path, monkeypatch):
 def test_smollm2_qlora_on_mlx(embedded_model_dir, tmp_path):
     """QLoRA on the real model, briefly: quantized at load, the loss falls, base eval is the
     quantized base, the adapter saves, loads and generates."""
-    from mlxtune.recipe import ALL_PROJECTIONS, recipe_from_dict
+    from mlxtune.recipe.schema import ALL_PROJECTIONS, recipe_from_dict
 
     r = recipe_from_dict({
         "data": {"train": "x.jsonl", "format": "chat"},

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mlxtune.errors import MlxtuneError
-from mlxtune.recipe import load_recipe
+from mlxtune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -103,8 +103,8 @@ torch = pytest.importorskip("torch")
 
 
 def _train(recipe_path, overrides, steps=3):
-    from mlxtune.batching import train_stream
-    from mlxtune.runner import load_backend_with_adapter, pad_id, prepare
+    from mlxtune.data.batching import train_stream
+    from mlxtune.training.session import load_backend_with_adapter, pad_id, prepare
 
     recipe = load_recipe(recipe_path, overrides)
     model_dir, tok, data = prepare(recipe)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mlxtune.data import build_dataset, load_records, record_to_messages
+from mlxtune.data.records import build_dataset, load_records, record_to_messages
 from mlxtune.errors import MlxtuneError
-from mlxtune.metrics import uses_word, words_of
-from mlxtune.recipe import DataConfig, load_recipe
-from mlxtune.wordlists import group_rows, split_and_group
+from mlxtune.evaluation.metrics import uses_word, words_of
+from mlxtune.recipe.schema import DataConfig, load_recipe
+from mlxtune.data.wordlists import group_rows, split_and_group
 
 REPO = Path(__file__).resolve().parent.parent
 CEFR = REPO / "data" / "cefr"

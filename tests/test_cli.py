@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mlxtune.cli import cli
+from mlxtune.cli.main import cli
 
 ROOT = Path(__file__).parent.parent
 
@@ -115,10 +115,10 @@ def test_core_imports_no_framework():
     """`mlxtune --help`, validate and the core modules work without torch or mlx."""
     code = (
         "import sys\n"
-        "import mlxtune.cli, mlxtune.recipe, mlxtune.data, mlxtune.batching, mlxtune.loop, mlxtune.rundir, "
-        "mlxtune.runner, mlxtune.models, mlxtune.adapters, mlxtune.report, mlxtune.evaluation, mlxtune.evalcmd, "
-        "mlxtune.plots, mlxtune.compare, mlxtune.generation, mlxtune.metrics, mlxtune.sandbox, mlxtune.memory, mlxtune.virtual, backends\n"
-        "from mlxtune.cli import cli\n"
+        "import mlxtune.cli.main, mlxtune.recipe.schema, mlxtune.data.records, mlxtune.data.batching, mlxtune.training.loop, mlxtune.runs.rundir, "
+        "mlxtune.training.session, mlxtune.models.source, mlxtune.adapters.lora, mlxtune.runs.report, mlxtune.evaluation.scoring, mlxtune.cli.evaluate, "
+        "mlxtune.runs.plots, mlxtune.runs.compare, mlxtune.evaluation.generation, mlxtune.evaluation.metrics, mlxtune.evaluation.sandbox, mlxtune.planning.memory, mlxtune.adapters.virtual, backends\n"
+        "from mlxtune.cli.main import cli\n"
         "from click.testing import CliRunner\n"
         "assert CliRunner().invoke(cli, ['--help']).exit_code == 0\n"
         "bad = [m for m in ('torch', 'mlx', 'transformers', 'peft', 'datasets', 'sacrebleu', 'matplotlib', 'cefrpy') if m in sys.modules]\n"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mlxtune import blas
-from mlxtune.compare import compare_cmd, compare_runs
-from mlxtune.doctor import doctor_cmd
+from mlxtune.system import blas
+from mlxtune.runs.compare import compare_cmd, compare_runs
+from mlxtune.system.doctor import doctor_cmd
 
 
 def fake_run(path: Path, losses: list[float], evals: dict[tuple[int, bool], tuple[float, float]], backend: str = "mlx") -> Path:
@@ -95,7 +95,7 @@ def test_doctor_reports_blas():
 
 
 def test_doctor_warns_on_slow_blas(monkeypatch):
-    from mlxtune import doctor
+    from mlxtune.system import doctor
 
     monkeypatch.setattr(doctor, "_mlx_info", lambda: {"installed": True, "device": "Device(cpu, 0)", "metal": False})
     monkeypatch.setattr(blas, "blas_in_use", lambda: {"name": "reference BLAS bundled with mlx[cpu] (slow)",
@@ -110,7 +110,7 @@ def test_doctor_warns_on_slow_blas(monkeypatch):
 def test_blas_module_does_not_import_mlx():
     import subprocess
 
-    code = "import sys, mlxtune.blas, mlxtune.doctor, mlxtune.compare; print('mlx' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, mlxtune.system.blas, mlxtune.system.doctor, mlxtune.runs.compare; print('mlx' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     assert out.stdout.strip() == "False False"
 
@@ -139,7 +139,7 @@ def test_entry_point_preloads_openblas(tmp_path):
 
     script = tmp_path / "entry.py"
     script.write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom mlxtune.blas import maybe_reexec_with_openblas, blas_in_use\n"
+        "import sys\nsys.path.insert(0, %r)\nfrom mlxtune.system.blas import maybe_reexec_with_openblas, blas_in_use\n"
         "maybe_reexec_with_openblas(sys.argv)\nprint(blas_in_use()['name'], sys.argv[1:])\n" % str(Path(__file__).parent.parent))
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXTUNE_NO_OPENBLAS", "MLXTUNE_OPENBLAS_REEXEC")}
     out = subprocess.run([sys.executable, str(script), "x", "--y"], capture_output=True, text=True, env=env, check=True)

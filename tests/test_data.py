@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from mlxtune.data import build_dataset, encode_prompt, encode_record, load_records
+from mlxtune.data.records import build_dataset, encode_prompt, encode_record, load_records
 from mlxtune.errors import MlxtuneError
-from mlxtune.recipe import DataConfig, load_recipe
+from mlxtune.recipe.schema import DataConfig, load_recipe
 
 PC = {"prompt": "say hello", "completion": "hello world"}
 CASES = {
@@ -79,7 +79,7 @@ def test_generation_prompt_is_the_training_prefix(tiny_tokenizer, case):
 
 
 def test_real_chat_template_masks_exactly_the_response(embedded_model_dir):
-    from mlxtune.models import load_tokenizer
+    from mlxtune.models.source import load_tokenizer
 
     tok = load_tokenizer(embedded_model_dir)
     rec = {"level": "A1", "words": ["cat", "sun"], "sentences": ["I have a cat.", "The sun is hot."]}
@@ -100,7 +100,7 @@ def test_bad_rows_name_file_row_and_field(tmp_path, tiny_tokenizer):
     cfg = DataConfig(train=str(p), format="prompt_completion")
     rows = load_records(str(p), cfg, "r.toml")
     with pytest.raises(MlxtuneError, match=r"d.jsonl: record 2: missing field\(s\) completion.*data.columns"):
-        from mlxtune.data import record_to_messages
+        from mlxtune.data.records import record_to_messages
         for i, r in enumerate(rows, 1):
             record_to_messages(r, cfg, str(p), i)
     p.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from mlxtune.cli import cli
-from mlxtune.recipe import reference_markdown
+from mlxtune.cli.main import cli
+from mlxtune.recipe.schema import reference_markdown
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mlxtune.cli import cli
-from mlxtune.recipe import load_recipe
+from mlxtune.cli.main import cli
+from mlxtune.recipe.schema import load_recipe
 
 from conftest import write_jsonl
 
@@ -78,11 +78,11 @@ def test_run_with_bleu_writes_report_plot_and_generations(tiny_recipe):
 
 def test_best_checkpoint_by_a_higher_is_better_metric(tiny_model_dir, tmp_path):
     """best/ follows the recipe's metric and its direction, not the eval loss."""
-    from mlxtune import loop
-    from mlxtune.batching import eval_batches
-    from mlxtune.data import Example
-    from mlxtune.rundir import RunDir
-    from mlxtune.runner import load_backend_with_adapter
+    from mlxtune.training import loop
+    from mlxtune.data.batching import eval_batches
+    from mlxtune.data.records import Example
+    from mlxtune.runs.rundir import RunDir
+    from mlxtune.training.session import load_backend_with_adapter
 
     import numpy as np
 
@@ -141,7 +141,7 @@ CODE_RECORDS = [
 
 def test_pass_at_k_scoring_through_the_sandbox(tiny_recipe):
     """Generated code -> program -> sandbox -> pass@k, with hand-written completions."""
-    from mlxtune.evaluation import score_outputs
+    from mlxtune.evaluation.scoring import score_outputs
 
     r = load_recipe(tiny_recipe(), ["data.format='code'", "eval.metrics=['pass@k']", "eval.samples=2",
                                     "eval.temperature=0.5", "eval.pass_k=[1, 2]"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlxtune.errors import MlxtuneError
-from mlxtune.generation import (
+from mlxtune.evaluation.generation import (
     GenSettings,
     chunk_seed,
     cut_at_stop,
@@ -158,8 +158,8 @@ def test_generate_texts_sorts_batches_restores_order_and_cuts_at_stop(tiny_token
 
 
 def tiny_backend(name: str, model_dir: Path, **train):
-    from mlxtune.recipe import recipe_from_dict
-    from mlxtune.runner import load_backend_with_adapter
+    from mlxtune.recipe.schema import recipe_from_dict
+    from mlxtune.training.session import load_backend_with_adapter
 
     recipe = recipe_from_dict({
         "model": {"path": str(model_dir)},
@@ -202,8 +202,8 @@ def prompts(tiny_model_dir):
     from conftest import TINY_RECORDS
     from transformers import AutoTokenizer
 
-    from mlxtune.data import encode_prompt
-    from mlxtune.recipe import recipe_from_dict
+    from mlxtune.data.records import encode_prompt
+    from mlxtune.recipe.schema import recipe_from_dict
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = recipe_from_dict({"data": {"train": "x.jsonl", "format": "prompt_completion"}}).data
@@ -288,10 +288,10 @@ def test_smollm2_greedy_answer_ends_at_im_end(embedded_model_dir):
     """The quickstart's first eval record, rendered by the chat template as in training: the
     base model answers with one numbered line per word and then ends its turn."""
     pytest.importorskip("peft")
-    from mlxtune.data import encode_prompt
-    from mlxtune.models import load_tokenizer
-    from mlxtune.recipe import load_recipe
-    from mlxtune.runner import load_backend_with_adapter
+    from mlxtune.data.records import encode_prompt
+    from mlxtune.models.source import load_tokenizer
+    from mlxtune.recipe.schema import load_recipe
+    from mlxtune.training.session import load_backend_with_adapter
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.toml")
     tok = load_tokenizer(embedded_model_dir, False)

@@ -11,7 +11,8 @@ from pathlib import Path
 from click.testing import CliRunner
 from packaging.requirements import Requirement
 
-from mlxtune import doctor, lock
+from mlxtune.system import doctor
+from mlxtune.system import lock
 
 ROOT = Path(__file__).parent.parent
 

@@ -7,10 +7,10 @@ import signal
 import numpy as np
 import pytest
 
-from mlxtune import loop
-from mlxtune.batching import collate, epoch_batches, total_steps
-from mlxtune.data import Example
-from mlxtune.recipe import TrainConfig, load_recipe
+from mlxtune.training import loop
+from mlxtune.data.batching import collate, epoch_batches, total_steps
+from mlxtune.data.records import Example
+from mlxtune.recipe.schema import TrainConfig, load_recipe
 
 
 def test_schedule_warmup_cosine_linear_constant():
@@ -64,8 +64,8 @@ class CountingBackend:
 
 
 def test_training_by_epochs_never_borrows_from_an_extra_epoch(tmp_path):
-    from mlxtune.recipe import EvalConfig
-    from mlxtune.rundir import RunDir
+    from mlxtune.recipe.schema import EvalConfig
+    from mlxtune.runs.rundir import RunDir
 
     # 10 examples, micro batch 4: 3 micro batches an epoch, 9 in 3 epochs; 2 per step -> 5 steps,
     # the last one only the 9th micro batch (not one from a 4th epoch)
@@ -96,8 +96,8 @@ torch = pytest.importorskip("torch")
 
 
 def _backend(recipe):
-    from mlxtune.runner import load_backend_with_adapter
-    from mlxtune.models import resolve_model
+    from mlxtune.training.session import load_backend_with_adapter
+    from mlxtune.models.source import resolve_model
 
     b = load_backend_with_adapter("torch", resolve_model(recipe.model.path), recipe)
     b.setup_optimizer(recipe)
@@ -105,8 +105,8 @@ def _backend(recipe):
 
 
 def _batches(recipe):
-    from mlxtune.data import build_dataset
-    from mlxtune.models import load_tokenizer, resolve_model
+    from mlxtune.data.records import build_dataset
+    from mlxtune.models.source import load_tokenizer, resolve_model
 
     ds = build_dataset(recipe, load_tokenizer(resolve_model(recipe.model.path)))
     return ds
@@ -134,7 +134,7 @@ def test_eval_base_equals_adapter_at_init_and_masks_differ(tiny_recipe):
     recipe = load_recipe(tiny_recipe())
     ds = _batches(recipe)
     b = _backend(recipe)
-    from mlxtune.batching import eval_batches
+    from mlxtune.data.batching import eval_batches
 
     batches = eval_batches(ds.eval, 3, 0)
     base, tuned = loop.evaluate(b, batches, adapter=False), loop.evaluate(b, batches, adapter=True)
@@ -150,7 +150,7 @@ def _train_losses(run_dir):
 def test_ctrl_c_checkpoints_and_resume_continues_identically(tiny_recipe, monkeypatch):
     from backends.torch_peft import TorchBackend
     from mlxtune.errors import MlxtuneError
-    from mlxtune.runner import run
+    from mlxtune.training.session import run
 
     path = tiny_recipe()
     full_dir, _ = run(load_recipe(path, ["output.name=full", "adapter.dropout=0.1"]), "torch", progress=False)

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlxtune.batching import collate, split_batch
-from mlxtune.cli import cli
-from mlxtune.data import Example
+from mlxtune.data.batching import collate, split_batch
+from mlxtune.cli.main import cli
+from mlxtune.data.records import Example
 from mlxtune.errors import MlxtuneError
-from mlxtune.memory import (OutOfMemory, Setup, Shape, ce_chunk_rows, estimate, is_out_of_memory, lora_parameters,
+from mlxtune.planning.memory import (OutOfMemory, Setup, Shape, ce_chunk_rows, estimate, is_out_of_memory, lora_parameters,
                             parse_size)
-from mlxtune.planner import MARGIN, find_config, make_plan
-from mlxtune.recipe import load_recipe
+from mlxtune.planning.planner import MARGIN, find_config, make_plan
+from mlxtune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).parent.parent
 BUNDLED = ROOT / "mlxtune" / "model_configs"
@@ -153,10 +153,10 @@ def test_plan_command_takes_qlora_and_imports_no_framework(tmp_path):
     # the torch plan on a machine without CUDA says it cannot quantize, still without importing torch
     code = (
         "import sys\n"
-        "import mlxtune.quantization as q\n"
+        "import mlxtune.models.quantization as q\n"
         "q.cuda_visible = lambda: False\n"
         "from click.testing import CliRunner\n"
-        "from mlxtune.cli import cli\n"
+        "from mlxtune.cli.main import cli\n"
         f"res = CliRunner().invoke(cli, ['plan', {str(path)!r}, '--budget', '16GB', '--backend', 'mlx'])\n"
         "print(res.output)\n"
         f"res2 = CliRunner().invoke(cli, ['plan', {str(path)!r}, '--budget', '16GB', '--backend', 'torch'])\n"
@@ -230,7 +230,7 @@ def test_oom_backoff_halves_the_micro_batch_and_gives_the_same_training(tiny_rec
     already accumulated gradients): the step is retried with half the rows per pass, the event is
     in metrics.jsonl, and every loss equals the run that never ran out of memory."""
     from backends.torch_peft import TorchBackend
-    from mlxtune.runner import run
+    from mlxtune.training.session import run
 
     path = tiny_recipe()
     sets = ["adapter.dropout=0.0", "train.steps=4", "train.eval_every=0"]
@@ -263,7 +263,7 @@ def test_oom_backoff_halves_the_micro_batch_and_gives_the_same_training(tiny_rec
 
 def test_oom_with_one_row_per_pass_is_a_clear_error(tiny_recipe, monkeypatch):
     from backends.torch_peft import TorchBackend
-    from mlxtune.runner import run
+    from mlxtune.training.session import run
 
     def always(self, tok):
         if self.model.training:
@@ -278,7 +278,7 @@ def test_oom_with_one_row_per_pass_is_a_clear_error(tiny_recipe, monkeypatch):
 
 
 def test_auto_micro_batch_runs_with_the_plan(tiny_recipe):
-    from mlxtune.runner import run
+    from mlxtune.training.session import run
 
     sets = ["train.micro_batch=auto", "train.grad_accum=1", "train.effective_batch=8", "train.memory_budget=4GB",
             "train.steps=2", "train.eval_every=0"]
@@ -306,8 +306,8 @@ def test_torch_chunked_loss_equals_full_logits():
 
 
 def _tiny_backend(name, model_dir, **train):
-    from mlxtune.recipe import recipe_from_dict
-    from mlxtune.runner import load_backend_with_adapter
+    from mlxtune.recipe.schema import recipe_from_dict
+    from mlxtune.training.session import load_backend_with_adapter
 
     recipe = recipe_from_dict({"data": {"train": "x.jsonl", "format": "chat"}, "adapter": {"rank": 4, "alpha": 8.0},
                                "train": {"steps": 2, "lr": 1e-2, **train}})
@@ -360,7 +360,7 @@ def test_prediction_is_near_a_measured_peak_torch(tiny_model_dir):
     allocations during it (the measurement bench/memory_grid.py documents)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mlxtune.models import read_config
+    from mlxtune.models.source import read_config
 
     b = _tiny_backend("torch", tiny_model_dir, grad_checkpointing=False)
     vocab = read_config(tiny_model_dir)["vocab_size"]
@@ -381,7 +381,7 @@ def test_prediction_is_near_a_measured_peak_torch(tiny_model_dir):
 
 def test_prediction_is_near_a_measured_peak_mlx(tiny_model_dir):
     mx = pytest.importorskip("mlx.core")
-    from mlxtune.models import read_config
+    from mlxtune.models.source import read_config
 
     before = mx.get_active_memory()  # arrays other tests left alive
     b = _tiny_backend("mlx", tiny_model_dir, grad_checkpointing=False)
@@ -396,7 +396,7 @@ def test_prediction_is_near_a_measured_peak_mlx(tiny_model_dir):
 
 
 def test_lora_parameter_count_matches_the_backend(tiny_model_dir):
-    from mlxtune.models import read_config
+    from mlxtune.models.source import read_config
 
     b = _tiny_backend("torch", tiny_model_dir)
     assert lora_parameters(Shape.from_config(read_config(tiny_model_dir)), Setup(rank=4)) == b.trainable_parameters()

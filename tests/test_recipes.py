@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mlxtune.cli import cli
+from mlxtune.cli.main import cli
 from mlxtune.errors import MlxtuneError
-from mlxtune.recipe import load_recipe
+from mlxtune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
@@ -92,8 +92,8 @@ def smoke_overrides(path: Path, out_dir: Path) -> list[str]:
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=ids(EXPERIMENTS))
 def test_recipe_smoke_on_the_embedded_model(path, backend, tmp_path, embedded_model_dir):
-    from mlxtune.rundir import split_events
-    from mlxtune.runner import run
+    from mlxtune.runs.rundir import split_events
+    from mlxtune.training.session import run
 
     recipe = load_recipe(path, smoke_overrides(path, tmp_path))
     if backend == "torch" and recipe.model.quantize_bits:

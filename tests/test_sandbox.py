@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from mlxtune import sandbox
+from mlxtune.evaluation import sandbox
 from mlxtune.errors import MlxtuneError
-from mlxtune.sandbox import extract_code, humaneval_program, run_program, run_programs
+from mlxtune.evaluation.sandbox import extract_code, humaneval_program, run_program, run_programs
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs Linux or macOS")
 
@@ -224,8 +224,8 @@ def test_humaneval_program_layout():
 
 
 def test_code_records_carry_test_and_entry_point():
-    from mlxtune.data import record_to_messages
-    from mlxtune.recipe import DataConfig
+    from mlxtune.data.records import record_to_messages
+    from mlxtune.recipe.schema import DataConfig
 
     cfg = DataConfig(train="code.jsonl", format="code")
     rec = {"problem": "Add two numbers.", "solution": "def add(a, b):\n    return a + b\n",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mlxtune.data import load_records, record_to_messages
-from mlxtune.evaluation import reference, score_outputs
-from mlxtune.recipe import DataConfig, recipe_from_dict
+from mlxtune.data.records import load_records, record_to_messages
+from mlxtune.evaluation.scoring import reference, score_outputs
+from mlxtune.recipe.schema import DataConfig, recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 EN_TR = REPO / "data" / "en_tr"

@@ -27,9 +27,9 @@ peft = pytest.importorskip("peft")
 
 from conftest import ragged_batches, train_run  # noqa: E402
 from mlxtune.errors import MlxtuneError  # noqa: E402
-from mlxtune.recipe import recipe_from_dict  # noqa: E402
-from mlxtune.runner import load_backend_with_adapter  # noqa: E402
-from mlxtune.virtual import (  # noqa: E402
+from mlxtune.recipe.schema import recipe_from_dict  # noqa: E402
+from mlxtune.training.session import load_backend_with_adapter  # noqa: E402
+from mlxtune.adapters.virtual import (  # noqa: E402
     VirtualSpec,
     init_virtual,
     read_embedding_rows,
@@ -317,11 +317,11 @@ def test_stock_peft_generate_equals_peft_forward(loaded, prompts, kind):
 
 
 def test_prompt_tuning_through_the_loop_on_both_backends(tiny_model_dir, tmp_path):
-    from mlxtune import loop
-    from mlxtune.batching import eval_batches
-    from mlxtune.compare import compare_runs
-    from mlxtune.data import Example
-    from mlxtune.rundir import RunDir
+    from mlxtune.training import loop
+    from mlxtune.data.batching import eval_batches
+    from mlxtune.runs.compare import compare_runs
+    from mlxtune.data.records import Example
+    from mlxtune.runs.rundir import RunDir
 
     recipe = make_recipe(tiny_model_dir, "prompt-text", steps=6, eval_every=3, save_every=3, schedule="cosine", warmup_steps=1)
     rng = np.random.default_rng(0)
@@ -346,7 +346,7 @@ def test_prompt_tuning_through_the_loop_on_both_backends(tiny_model_dir, tmp_pat
 
 
 def test_memory_planner_counts_virtual_tokens(tiny_model_dir):
-    from mlxtune.memory import Setup, estimate
+    from mlxtune.planning.memory import Setup, estimate
 
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     for kind in KINDS:
@@ -365,9 +365,9 @@ def test_resume_restores_the_projection_mlp(tiny_model_dir, tmp_path, name):
     """A prefix-with-projection run cut after its step-2 checkpoint and resumed gives the
     uninterrupted run's losses (PEFT's own file holds only the projected prefix; the MLP comes
     from mlxtune's prefix_encoder.safetensors)."""
-    from mlxtune.batching import eval_batches
-    from mlxtune.compare import compare_runs
-    from mlxtune.data import Example
+    from mlxtune.data.batching import eval_batches
+    from mlxtune.runs.compare import compare_runs
+    from mlxtune.data.records import Example
 
     recipe = make_recipe(tiny_model_dir, "prefix-mlp", steps=4, save_every=2, eval_every=0, micro_batch=2, grad_accum=1)
     rng = np.random.default_rng(1)
@@ -422,8 +422,8 @@ def test_smollm2_steps_match_between_backends(embedded_model_dir, adapter, later
 
 
 def test_planner_never_checkpoints_prefix_tuning(tiny_model_dir):
-    from mlxtune.memory import Setup
-    from mlxtune.planner import make_plan
+    from mlxtune.planning.memory import Setup
+    from mlxtune.planning.planner import make_plan
 
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     plans = {}

@@ -1,0 +1,1 @@
+"""Adapter methods, framework-free: LoRA/DoRA and prompt/prefix shapes, initial weights, files."""

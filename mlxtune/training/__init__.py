@@ -1,0 +1,1 @@
+"""Training: the one loop, the UI protocol it reports to, and the `run` session."""

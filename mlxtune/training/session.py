@@ -1,0 +1,157 @@
+"""`mlxtune run`: recipe -> model -> data -> backend -> loop -> run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mlxtune.adapters.lora import init_lora, select_layers
+from mlxtune.data.batching import eval_batches
+from mlxtune.data.records import Dataset, build_dataset
+from mlxtune.recipe.schema import Recipe
+from mlxtune.runs.report import comparison_rows, write_report
+from mlxtune.runs.rundir import RunDir, split_events
+
+console = Console(stderr=True)
+
+
+def resolve_backend_name(recipe: Recipe, override: str | None) -> str:
+    from backends import default_backend
+
+    name = override or recipe.backend
+    if name == "auto":
+        name = default_backend()
+        console.print(f"backend: [bold]{name}[/] (auto: {'Apple Silicon' if name == 'mlx' else 'not Apple Silicon'}; choose with --backend)")
+    return name
+
+
+def pad_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0  # pragma: no cover
+
+
+def prepare(recipe: Recipe) -> tuple[Path, Any, Dataset]:
+    """Model folder, tokenizer and tokenized data: everything before a framework is needed."""
+    from mlxtune.models.source import load_tokenizer, resolve_model
+
+    model_dir = resolve_model(recipe.model.path, recipe.model.revision, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
+    data = build_dataset(recipe, tokenizer)
+    return model_dir, tokenizer, data
+
+
+def plan_batches(recipe: Recipe, backend: str, model_dir: Path, data: Dataset) -> Recipe:
+    """The recipe with ``micro_batch = "auto"`` / ``grad_checkpointing = "auto"`` resolved by the
+    memory planner (mlxtune/planning/planner.py) for this data; says what it chose."""
+    from mlxtune.planning.memory import gib
+    from mlxtune.models.source import read_config
+    from mlxtune.planning.planner import resolve_auto
+
+    recipe, plan = resolve_auto(recipe, backend, read_config(model_dir), [len(e) for e in data.train])
+    if plan is not None:
+        console.print(f"memory plan: micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum}, checkpointing "
+                      f"{'on' if plan.grad_checkpointing else 'off'}, at most {plan.max_batch_tokens} tokens a pass; "
+                      f"predicted peak {gib(plan.estimate.total)} of {gib(plan.budget)} ({plan.budget_note})")
+    return recipe
+
+
+def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe):
+    """The backend with the recipe's adapter in place, initialised from the core's weights."""
+    from backends import load_backend
+
+    from mlxtune.models.source import read_config
+
+    backend = load_backend(name)
+    layers = select_layers(int(read_config(model_dir)["num_hidden_layers"]), recipe.adapter.layers)
+    backend.load(model_dir, recipe, layers)
+    if recipe.adapter.method in ("prompt", "prefix"):  # virtual tokens: shapes from config.json (mlxtune/adapters/virtual.py)
+        from mlxtune.adapters.virtual import initial_weights
+
+        backend.set_adapter_weights(initial_weights(model_dir, read_config(model_dir), recipe))
+    else:
+        backend.set_adapter_weights(init_lora(backend.adapter_shapes(), recipe.adapter.rank, recipe.train.seed))
+    return backend
+
+
+def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False, resume: bool = False,
+        progress: bool = True) -> tuple[RunDir, dict[str, Any]]:
+    from mlxtune.training import loop
+
+    name = resolve_backend_name(recipe, backend_name)
+    target = Path(recipe.output.dir) / recipe.run_name
+    RunDir.check(target, overwrite=overwrite, resume=resume)
+    model_dir, tokenizer, data = prepare(recipe)
+    stats = {k: s.summary() for k, s in data.stats.items()}
+    console.print(f"data: {stats['train']['examples']} train / {stats['eval']['examples']} eval examples, "
+                  f"{stats['train']['tokens']:,} train tokens, length {stats['train']['min_len']}-{stats['train']['max_len']}"
+                  + (f", {stats['train']['overlong'] + stats['eval']['overlong']} over max_seq_len ({recipe.data.overlong})" if stats['train']['overlong'] + stats['eval']['overlong'] else ""))
+    recipe = plan_batches(recipe, name, model_dir, data)
+    backend = load_backend_with_adapter(name, model_dir, recipe)
+    backend.setup_optimizer(recipe)
+    run_dir = RunDir.create(target, overwrite=overwrite, resume=resume)
+    info = backend.describe()
+    console.print("model: " + str(model_dir) + f"; trainable parameters: {backend.trainable_parameters():,}; " + ", ".join(f"{k} {v}" for k, v in info.items()))
+
+    import tomli_w
+
+    resolved = recipe.to_dict() | {"backend": name}
+    if not resume:
+        run_dir.write_text("recipe.resolved.toml", tomli_w.dumps(resolved))
+        run_dir.log({"event": "start", "step": 0, "backend": info, "model_dir": str(model_dir), "data": stats,
+                     "trainable_parameters": backend.trainable_parameters()})
+    pad = pad_id(tokenizer)
+    eval_set = eval_batches(data.eval, recipe.eval.batch_size, pad)
+    summary = loop.train(backend, data.train, eval_set, recipe.train, recipe.eval, run_dir, pad, resume=resume,
+                         progress=progress, score_fn=make_score_fn(backend, tokenizer, eval_set, data, recipe, run_dir, progress))
+    if resume and summary["base"] is None:
+        summary["base"] = split_events(run_dir.events())[1]
+    write_report(run_dir.path)
+    print_summary(summary)
+    console.print(f"run directory: [bold]{run_dir.path}[/] (adapters/, best/, metrics.jsonl, report.md, loss.png)")
+    return run_dir, summary
+
+
+def make_score_fn(backend: Any, tokenizer: Any, eval_set: list, data: Dataset, recipe: Recipe, run_dir: RunDir,
+                  progress: bool):
+    """The loop's eval: losses plus the recipe's generation metrics; outputs go to generations/."""
+    from mlxtune.evaluation.scoring import score, write_generations
+
+    def score_fn(adapter: bool, step: int) -> dict[str, Any]:
+        # the training bar is live after step 0, and rich shows one live display at a time
+        ev, rows = score(backend, tokenizer, eval_set, data.eval_records, recipe, adapter=adapter,
+                         progress=progress and step == 0)
+        if rows:
+            write_generations(run_dir.path / "generations" / ("base.jsonl" if not adapter else f"step-{step:06d}.jsonl"), rows)
+        return ev
+
+    return score_fn
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    rows = comparison_rows(summary["base"], summary["final"])
+    if not rows:
+        return
+    table = Table(title="base vs fine-tuned on the eval split")
+    for col in ("metric", "base", "fine-tuned", "reduction"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+    console.print(f"{summary['trained_tokens_per_s']:.1f} trained tokens/s, {summary['train_seconds']:.1f} s, peak memory {summary['peak_memory'] / 2**30:.2f} GiB")
+
+
+def mask_preview(tokens: np.ndarray, mask: np.ndarray, tokenizer: Any) -> list[tuple[str, bool]]:
+    """Decoded text in runs of trained / untrained tokens, for `mlxtune data show`."""
+    runs: list[tuple[str, bool]] = []
+    start = 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or mask[i] != mask[start]:
+            runs.append((tokenizer.decode(tokens[start:i].tolist()), bool(mask[start])))
+            start = i
+    return runs
