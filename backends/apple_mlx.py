@@ -69,7 +69,8 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from mlxtune.adapters.lora import MAGNITUDE, check_adapter, check_weight_keys, read_adapter
 from mlxtune.errors import MlxtuneError
-from mlxtune.planning.memory import OutOfMemory, ce_chunk_rows, is_out_of_memory
+from mlxtune.errors import OutOfMemory, is_out_of_memory
+from mlxtune.planning.memory import ce_chunk_rows
 from mlxtune.models.source import read_config
 from mlxtune.models.quantization import base_bits, mlx_label
 from mlxtune.recipe.schema import VIRTUAL_METHODS

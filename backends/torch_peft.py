@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from mlxtune.adapters.lora import MAGNITUDE, check_adapter, check_weight_keys, read_adapter
 from mlxtune.errors import MlxtuneError
-from mlxtune.planning.memory import OutOfMemory, ce_chunk_rows, is_out_of_memory
+from mlxtune.errors import OutOfMemory, is_out_of_memory
+from mlxtune.planning.memory import ce_chunk_rows
 from mlxtune.models.quantization import base_bits, torch_label, torch_problem
 from mlxtune.recipe.schema import VIRTUAL_METHODS, Recipe
 from mlxtune.adapters.virtual import VirtualSpec

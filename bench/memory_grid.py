@@ -228,7 +228,8 @@ def real_models() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mlxtune.planning.memory import Setup, estimate, gib
+    from mlxtune.units import gib
+    from mlxtune.planning.memory import Setup, estimate
     from mlxtune.planning.planner import SHARE, find_config, make_plan
 
     table = Table(title="batch plans from the memory model: a 16 or 24 GiB Mac (MLX, 70% budget) or GPU (torch, "

@@ -273,7 +273,8 @@ def score(recipe_path: str, adapters_json: str, out: str) -> None:
     from mlxtune.data.batching import eval_batches
     from mlxtune.training.loop import evaluate
     from mlxtune.recipe.schema import load_recipe
-    from mlxtune.training.session import load_backend_with_adapter, pad_id, prepare
+    from mlxtune.models.source import pad_id
+    from mlxtune.training.session import load_backend_with_adapter, prepare
 
     recipe = load_recipe(recipe_path)
     model_dir, tokenizer, data = prepare(recipe)
@@ -366,7 +367,8 @@ def prepare_job(recipe_path: Path, steps: int, warmup: int, precision: str, work
     """The checked recipe, the model, the data files of the raw tools and mlxtune's batch plan."""
     from mlxtune.data.batching import train_stream
     from mlxtune.models.source import read_config
-    from mlxtune.training.session import pad_id, prepare
+    from mlxtune.models.source import pad_id
+    from mlxtune.training.session import prepare
 
     recipe = bench_recipe(recipe_path, steps, warmup)
     model_dir, tokenizer, data = prepare(recipe)

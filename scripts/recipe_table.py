@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mlxtune.data.records import build_dataset  # noqa: E402
-from mlxtune.planning.memory import Setup, Shape, estimate, gib, parse_size  # noqa: E402
+from mlxtune.units import gib
+from mlxtune.planning.memory import Setup, Shape, estimate, parse_size  # noqa: E402
 from mlxtune.planning.planner import MARGIN, find_config, make_plan  # noqa: E402
 from mlxtune.recipe.schema import load_recipe  # noqa: E402
 

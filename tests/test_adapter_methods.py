@@ -307,7 +307,7 @@ def test_smollm2_qlora_on_mlx(embedded_model_dir, tmp_path):
 
     r = recipe_from_dict({
         "data": {"train": "x.jsonl", "format": "chat"},
-        "adapter": {"method": "qlora", "rank": 8, "alpha": 16.0, "target_modules": ALL_PROJECTIONS},
+        "adapter": {"method": "qlora", "rank": 8, "alpha": 16.0, "target_modules": list(ALL_PROJECTIONS)},
         "train": {"steps": 4, "lr": 2e-3, "seed": 3, "micro_batch": 2},
     })
     b = load_backend_with_adapter("mlx", embedded_model_dir, r)

@@ -104,7 +104,8 @@ torch = pytest.importorskip("torch")
 
 def _train(recipe_path, overrides, steps=3):
     from mlxtune.data.batching import train_stream
-    from mlxtune.training.session import load_backend_with_adapter, pad_id, prepare
+    from mlxtune.models.source import pad_id
+    from mlxtune.training.session import load_backend_with_adapter, prepare
 
     recipe = load_recipe(recipe_path, overrides)
     model_dir, tok, data = prepare(recipe)

@@ -20,8 +20,9 @@ from mlxtune.data.batching import collate, split_batch
 from mlxtune.cli.main import cli
 from mlxtune.data.records import Example
 from mlxtune.errors import MlxtuneError
-from mlxtune.planning.memory import (OutOfMemory, Setup, Shape, ce_chunk_rows, estimate, is_out_of_memory, lora_parameters,
-                            parse_size)
+from mlxtune.errors import OutOfMemory, is_out_of_memory
+from mlxtune.units import parse_size
+from mlxtune.planning.memory import Setup, Shape, ce_chunk_rows, estimate, lora_parameters
 from mlxtune.planning.planner import MARGIN, find_config, make_plan
 from mlxtune.recipe.schema import load_recipe
 

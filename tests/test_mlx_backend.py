@@ -62,7 +62,7 @@ def make_recipe(**train):
     t.update(train)
     return recipe_from_dict({
         "data": {"train": "x.jsonl", "format": "chat"},
-        "adapter": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ALL_PROJECTIONS},
+        "adapter": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": list(ALL_PROJECTIONS)},
         "train": t,
     })
 
@@ -398,7 +398,7 @@ def test_parity_through_the_loop(tiny_llama, tmp_path):
 
     recipe = recipe_from_dict({
         "data": {"train": "x.jsonl", "format": "chat"},
-        "adapter": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ALL_PROJECTIONS},
+        "adapter": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": list(ALL_PROJECTIONS)},
         "train": {"steps": 20, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 3, "micro_batch": 2, "grad_accum": 2,
                   "grad_clip": 1.0, "weight_decay": 0.01, "seed": 5, "eval_every": 10},
         "eval": {"batch_size": 4},
@@ -436,7 +436,7 @@ def test_smollm2_logits_and_lora_steps_match_torch(embedded_model_dir):
 
     recipe = recipe_from_dict({
         "data": {"train": "x.jsonl", "format": "chat"},
-        "adapter": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ALL_PROJECTIONS},
+        "adapter": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": list(ALL_PROJECTIONS)},
         "train": {"steps": 10, "lr": 1e-3, "grad_clip": 1.0, "seed": 3, "micro_batch": 2, "grad_accum": 1},
     })
     rng = np.random.default_rng(0)

@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -151,3 +152,12 @@ def check_adapter(af: AdapterFile, path: Path, method: str, rank: int, scale: fl
     if set(af.weights) != expected or af.other:
         missing, extra = sorted(expected - set(af.weights)), sorted(set(af.weights) - expected) + af.other
         raise MlxtuneError(f"{path}: adapter tensors do not match the recipe's adapter (missing {missing[:3]}, unexpected {extra[:3]})")
+
+
+def load_lora_folder(path: Path, adapter: Any, modules: Iterable[str],
+                     load: Callable[[Path], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The boundary weights of a LoRA/DoRA folder in either format (:func:`read_adapter`),
+    refused unless it is the recipe's adapter (``adapter``: the recipe's ``AdapterConfig``)."""
+    af = read_adapter(Path(path), load)
+    check_adapter(af, Path(path), adapter.method, adapter.rank, adapter.scale, modules)
+    return af.weights

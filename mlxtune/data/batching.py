@@ -114,3 +114,12 @@ def split_batch(batch: Batch, max_rows: int = 0, max_tokens: int = 0) -> list[Ba
         width = int(lengths[g[0]])
         out.append(Batch(batch.tokens[g, :width], batch.mask[g, :width], batch.full_mask[g, :width], batch.epoch))
     return out
+
+
+def mask_union(masks: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Several masks scored in one forward pass: (the union of the masks, and per mask a bool
+    selector over the union's target positions, in ``union[:, 1:]`` row-major order)."""
+    bools = {name: np.asarray(m, dtype=bool) for name, m in masks.items()}
+    union = np.logical_or.reduce(list(bools.values()))
+    picked = union[:, 1:]
+    return union, {name: m[:, 1:][picked] for name, m in bools.items()}

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mlxtune.errors import MlxtuneError
+from mlxtune.models.source import pad_id
 
 if TYPE_CHECKING:
     from backends import Backend
@@ -202,13 +203,6 @@ def chunk_seed(seed: int, indices: Sequence[int]) -> int:
     return int(np.random.SeedSequence([int(seed), *map(int, indices)]).generate_state(1)[0])
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 # ------------------------------------------------------------------ prompts -> texts
 
 
@@ -224,7 +218,7 @@ def generate_texts(backend: Backend, tokenizer: Any, prompts: list[np.ndarray], 
     n = len(prompts)
     order = sorted(range(n), key=lambda i: (len(prompts[i]), i))
     chunks = [order[i: i + settings.batch_size] for i in range(0, n, settings.batch_size)]
-    eos, pad = eos_token_ids(tokenizer), _pad_id(tokenizer)
+    eos, pad = eos_token_ids(tokenizer), pad_id(tokenizer)
     should_stop = stop_checker(tokenizer, settings.stop)
     texts: list[str] = [""] * n
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from mlxtune.data.batching import Batch
 from mlxtune.data.records import encode_prompt, record_to_messages
 from mlxtune.errors import MlxtuneError
+from mlxtune.files import write_text_atomic
 from mlxtune.recipe.schema import Recipe
 
 if TYPE_CHECKING:
@@ -131,6 +132,4 @@ def score(backend: Backend, tokenizer: Any, eval_set: list[Batch], records: list
 def write_generations(path: Path, rows: list[dict[str, Any]]) -> None:
     """Every generated output next to its reference and outcome, for reading by hand."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from mlxtune.errors import MlxtuneError
 
@@ -75,6 +76,14 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     except ImportError:
         raise MlxtuneError("loading a tokenizer needs transformers: pip install 'transformers>=5'") from None
     return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its eos (never a target)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
 
 
 def _with_rope_theta(config: dict) -> dict:

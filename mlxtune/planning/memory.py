@@ -15,14 +15,13 @@ time, only at positions that carry loss), so the logits term is one chunk, not B
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 
 from mlxtune.adapters.lora import select_layers
 from mlxtune.errors import MlxtuneError
+from mlxtune.recipe.schema import ALL_PROJECTIONS
 
 CE_CHUNK_BYTES = 32 * 2**20  # float32 logits held at once by the chunked cross-entropy
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Architectures whose blocks are llama-shaped (separate q/k/v/o, gated MLP): what the model counts.
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -32,38 +31,6 @@ def ce_chunk_rows(vocab_size: int) -> int:
     """Positions per chunk of the vocabulary projection, so one chunk of float32 logits stays
     near CE_CHUNK_BYTES whatever the vocabulary (Llama-3's 128k: 65 rows; SmolLM2's 49k: 170)."""
     return max(16, CE_CHUNK_BYTES // (4 * max(1, int(vocab_size))))
-
-
-class OutOfMemory(MlxtuneError):
-    """A training step ran out of memory; the backend has discarded the step's gradients."""
-
-
-_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether a framework error is an allocation failure (CUDA, MPS or CPU allocator)."""
-    if type(error).__name__ == "OutOfMemoryError":
-        return True
-    text = str(error).lower()
-    return any(w in text for w in _OOM_WORDS)
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str, where: str = "size") -> int:
-    """'16GB' -> 16e9 bytes, '10GiB' -> 10 * 2^30, '512MB', '24 GB'; a bare number is bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS:
-        raise MlxtuneError(f"{where} = {text!r}: expected a size such as \"16GB\" (10^9 bytes), \"10GiB\" (2^30) or \"512MB\"")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 # ---------------------------------------------------------------- the model's shape
@@ -135,7 +102,7 @@ class Setup:
     quantize_bits: int = 0
     quantize_group_size: int = 64
     rank: int = 8
-    targets: tuple[str, ...] = PROJECTIONS
+    targets: tuple[str, ...] = ALL_PROJECTIONS
     layers: str | int | list[int] = "all"
     grad_checkpointing: bool = False
     # prompt/prefix tuning: virtual tokens that every block processes (no LoRA, targets empty)
@@ -249,7 +216,7 @@ def _layer_saved(shape: Shape, s: Setup, targets: set[str], seq: int) -> int:
     d, f, H = shape.hidden, shape.intermediate, shape.heads
     q, kv = H * shape.head_dim, shape.kv_heads * shape.head_dim
     a = DTYPE_BYTES[s.dtype]
-    lora = 4 * s.rank * len(targets & set(PROJECTIONS)) + _adapted_inputs(shape, targets, a, s.backend)
+    lora = 4 * s.rank * len(targets & set(ALL_PROJECTIONS)) + _adapted_inputs(shape, targets, a, s.backend)
     if s.backend == "mlx":
         # rms_norm keeps its 2 inputs; q and k after rope and v for the attention's vjp, which on
         # MLX keeps the softmax probabilities (H x T per token); the MLP keeps gate, sigmoid(gate),
@@ -276,7 +243,7 @@ def _backward_working(shape: Shape, s: Setup, seq: int, saved_block: int) -> int
         kf, kd, kt = MLX_BACKWARD[s.grad_checkpointing]
         work = int(a * (kf * shape.intermediate + kd * shape.hidden + kt * shape.heads * seq))
         if s.grad_checkpointing:  # the recomputed block's LoRA outputs (float32) and their gradients
-            work += 2 * 4 * s.rank * len(set(s.targets) & set(PROJECTIONS))
+            work += 2 * 4 * s.rank * len(set(s.targets) & set(ALL_PROJECTIONS))
         return work
     # torch: a block's gradients (an intermediate- and a hidden-sized one at a time), the gradient of
     # the hidden states flowing down and the next; with checkpointing the recomputed block's tensors

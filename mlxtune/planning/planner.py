@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from mlxtune.errors import MlxtuneError
-from mlxtune.planning.memory import Estimate, Setup, estimate, gib, parse_size
-from mlxtune.recipe.schema import Recipe
+from mlxtune.units import gib, parse_size
+from mlxtune.planning.memory import Estimate, Setup, estimate
+from mlxtune.recipe.schema import Recipe, allows_checkpointing
 
 BUNDLED = Path(__file__).parents[1] / "model_configs"
 LONGEST = 32768  # longest sequence the planner searches
@@ -180,7 +181,7 @@ def make_plan(config: dict, setup: Setup, budget: int, effective_batch: int, seq
         return next((m for m in _divisors(effective_batch) if fits(ckpt, m, typical)), 0)
 
     options = [False, True] if checkpointing == "auto" else [bool(checkpointing)]
-    if setup.method == "prefix":  # the prefix lives in the attention cache, which checkpointing drops
+    if not allows_checkpointing(setup.method):
         options = [False]
     found = {c: best(c) for c in options}
     if len(options) == 2:

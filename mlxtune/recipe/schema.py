@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlxtune.errors import MlxtuneError
+from mlxtune.units import parse_size
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 FORMATS = ("chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "cefr_words", "code")
 BUILTIN_TEMPLATES = ("chat", "alpaca", "plain")
@@ -61,7 +62,7 @@ class AdapterConfig:
     rank: int = _f(8, "LoRA rank r.")
     alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank on every backend.")
     dropout: float = _f(0.0, "Dropout on the adapter input during training.")
-    target_modules: list[str] = _f(ALL_PROJECTIONS, "Linear layers to adapt, by their short name (`q_proj`, ...).")
+    target_modules: list[str] = _f(list(ALL_PROJECTIONS), "Linear layers to adapt, by their short name (`q_proj`, ...).")
     layers: str | int | list[int] = _f("all", "Which transformer blocks get adapters: `\"all\"`, N (the last N blocks) or a list of block indices.")
     num_virtual_tokens: int = _f(20, "`prompt`/`prefix`: number of virtual tokens. Prompt tuning prepends them to the input embeddings (real tokens' positions start after them); prefix tuning puts them as keys/values in front of every layer's attention. They never carry loss.")
     prompt_init: Literal["random", "text"] = _f("random", "`prompt`: initial virtual token embeddings: `random` (normal(0, 1), as PEFT's RANDOM) or `text` (the embedding rows of `prompt_init_text`'s tokens, repeated or cut to `num_virtual_tokens`, as PEFT's TEXT).")
@@ -97,6 +98,13 @@ class AdapterConfig:
     def label(self) -> str:
         """Method and its main options, for messages and reports."""
         return adapter_label(dataclasses.asdict(self))
+
+
+def allows_checkpointing(method: str) -> bool:
+    """Whether gradient checkpointing can train this adapter method. Not prefix tuning: its prefix
+    lives in the attention cache, which transformers drops under checkpointing and MLX's
+    checkpointed block cannot take, so the prefix would silently vanish."""
+    return method != "prefix"
 
 
 def adapter_label(a: dict[str, Any]) -> str:
@@ -213,8 +221,6 @@ class TrainConfig:
         if self.max_batch_tokens < 0:
             raise ValueError("train.max_batch_tokens must be >= 0 (0 = no limit)")
         if self.memory_budget:
-            from mlxtune.planning.memory import parse_size
-
             parse_size(self.memory_budget, "train.memory_budget")
         if self.eval_every < 0 or self.save_every < 0 or self.grad_clip < 0:
             raise ValueError("train.eval_every, train.save_every and train.grad_clip must be >= 0")
@@ -301,9 +307,7 @@ class Recipe:
         if self.adapter.method in VIRTUAL_METHODS and self.model.quantize_bits:
             raise ValueError(f'model.quantize_bits = {self.model.quantize_bits}: adapter.method = "{self.adapter.method}" '
                              "trains on a full-precision base only; set model.quantize_bits = 0")
-        if self.adapter.method == "prefix" and self.train.grad_checkpointing is True:
-            # transformers drops past_key_values under checkpointing, and MLX's checkpointed block
-            # cannot take the prefix cache: the prefix would silently vanish
+        if not allows_checkpointing(self.adapter.method) and self.train.grad_checkpointing is True:
             raise ValueError('train.grad_checkpointing = true does not work with adapter.method = "prefix" '
                              "(the prefix lives in the attention cache); set it to false")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from mlxtune.files import atomic_file
 
 
 def _series(events: list[dict[str, Any]], event: str, key: str, adapter: bool = True) -> tuple[list[int], list[float]]:
@@ -53,8 +54,7 @@ def loss_plot(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = ""
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

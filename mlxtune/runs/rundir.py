@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mlxtune.errors import MlxtuneError
+from mlxtune.files import write_text_atomic
 
 CHECKPOINTS = "checkpoints"
 MARKERS = ("recipe.resolved.toml", "metrics.jsonl")
@@ -45,11 +46,7 @@ class RunDir:
 
     # -- files ---------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> Path:
-        target = self.path / name
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-        return target
+        return write_text_atomic(self.path / name, text)
 
     def write_json(self, name: str, obj: Any) -> Path:
         return self.write_text(name, json.dumps(obj, indent=2) + "\n")

@@ -116,7 +116,7 @@ def accumulate_step(backend: Backend, micro: list[Batch], denom: int, lr: float,
     the result is unchanged; an ``oom_backoff`` event goes to metrics.jsonl, the step is retried,
     and later steps (and a resumed run: the value is in the checkpoint's state) keep the smaller size.
     """
-    from mlxtune.planning.memory import OutOfMemory
+    from mlxtune.errors import OutOfMemory
 
     while True:
         rows = state.setdefault("pass_rows", cfg.micro_batch)

@@ -12,6 +12,7 @@ from rich.table import Table
 from mlxtune.adapters.lora import init_lora, select_layers
 from mlxtune.data.batching import eval_batches
 from mlxtune.data.records import Dataset, build_dataset
+from mlxtune.models.source import pad_id
 from mlxtune.recipe.schema import Recipe
 from mlxtune.runs.report import comparison_rows, write_report
 from mlxtune.runs.rundir import RunDir, split_events
@@ -29,13 +30,6 @@ def resolve_backend_name(recipe: Recipe, override: str | None) -> str:
     return name
 
 
-def pad_id(tokenizer: Any) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0  # pragma: no cover
-
-
 def prepare(recipe: Recipe) -> tuple[Path, Any, Dataset]:
     """Model folder, tokenizer and tokenized data: everything before a framework is needed."""
     from mlxtune.models.source import load_tokenizer, resolve_model
@@ -49,7 +43,7 @@ def prepare(recipe: Recipe) -> tuple[Path, Any, Dataset]:
 def plan_batches(recipe: Recipe, backend: str, model_dir: Path, data: Dataset) -> Recipe:
     """The recipe with ``micro_batch = "auto"`` / ``grad_checkpointing = "auto"`` resolved by the
     memory planner (mlxtune/planning/planner.py) for this data; says what it chose."""
-    from mlxtune.planning.memory import gib
+    from mlxtune.units import gib
     from mlxtune.models.source import read_config
     from mlxtune.planning.planner import resolve_auto
 
