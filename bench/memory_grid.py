@@ -190,11 +190,11 @@ def measure(point: dict) -> dict:
 
 
 def predict(point: dict) -> dict:
-    from mlxtune.planning.memory import Setup, estimate
+    from mlxtune.planning.memory import StepSetup, estimate
     from mlxtune.models.source import read_config
 
     cfg = read_config(model_dir(point["model"]))
-    setup = Setup(backend=point["backend"], device="cpu", dtype=point.get("dtype", "float32"), rank=point["rank"],
+    setup = StepSetup(backend=point["backend"], device="cpu", dtype=point.get("dtype", "float32"), rank=point["rank"],
                   grad_checkpointing=bool(point["ckpt"]))
     # one micro batch with its update: no gradients of earlier micro batches are held
     return estimate(cfg, setup, point["B"], point["T"], accumulate=False).as_dict()
@@ -229,7 +229,7 @@ def real_models() -> None:
     from rich.table import Table
 
     from mlxtune.units import gib
-    from mlxtune.planning.memory import Setup, estimate
+    from mlxtune.planning.memory import StepSetup, estimate
     from mlxtune.planning.planner import SHARE, find_config, make_plan
 
     table = Table(title="batch plans from the memory model: a 16 or 24 GiB Mac (MLX, 70% budget) or GPU (torch, "
@@ -241,7 +241,7 @@ def real_models() -> None:
         cfg, _ = find_config(model)
         for backend, device in (("mlx", "metal"), ("torch", "cuda")):
             for size in (16, 24):
-                setup = Setup(backend=backend, device=device, **kw)
+                setup = StepSetup(backend=backend, device=device, **kw)
                 plan = make_plan(cfg, setup, int(SHARE[device] * size * 2**30), effective, seq)
                 naive = estimate(cfg, setup, min(16, effective), seq).total
                 how = (f"{plan.micro_batch} x {plan.grad_accum}, ckpt {'on' if plan.grad_checkpointing else 'off'}"

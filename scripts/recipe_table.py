@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from mlxtune.data.records import build_dataset  # noqa: E402
 from mlxtune.units import gib
-from mlxtune.planning.memory import Setup, Shape, estimate, parse_size  # noqa: E402
+from mlxtune.planning.memory import StepSetup, Shape, estimate, parse_size  # noqa: E402
 from mlxtune.planning.planner import MARGIN, find_config, make_plan  # noqa: E402
 from mlxtune.recipe.schema import load_recipe  # noqa: E402
 
@@ -66,7 +66,7 @@ def row(path: Path) -> list[str]:
     cells = [f"`{path.name}`", recipe.model.path, recipe.adapter.method]
     for m in MACHINES.values():
         budget = parse_size(m["budget"])
-        setup = Setup.from_recipe(recipe, m["backend"], m["device"])
+        setup = StepSetup.from_recipe(recipe, m["backend"], m["device"])
         if t.micro_batch == "auto":
             plan = make_plan(config, setup, budget, t.effective_batch, recipe.data.max_seq_len,
                              checkpointing=t.grad_checkpointing, typical_len=typical)

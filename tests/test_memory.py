@@ -22,7 +22,7 @@ from mlxtune.data.records import Example
 from mlxtune.errors import MlxtuneError
 from mlxtune.errors import OutOfMemory, is_out_of_memory
 from mlxtune.units import parse_size
-from mlxtune.planning.memory import Setup, Shape, ce_chunk_rows, estimate, lora_parameters
+from mlxtune.planning.memory import StepSetup, Shape, ce_chunk_rows, estimate, lora_parameters
 from mlxtune.planning.planner import MARGIN, find_config, make_plan
 from mlxtune.recipe.schema import load_recipe
 
@@ -51,15 +51,15 @@ def test_oom_is_recognised():
 
 
 def test_estimate_grows_with_the_work_and_checkpointing_pays_on_deep_models():
-    s = Setup(backend="torch", rank=16)
+    s = StepSetup(backend="torch", rank=16)
     base = estimate(SMOLLM2, s, 2, 256)
     assert estimate(SMOLLM2, s, 4, 256).total > base.total
     assert estimate(SMOLLM2, s, 2, 512).total > base.total
-    assert estimate(SMOLLM2, Setup(backend="torch", rank=128), 2, 256).adapter > 7 * base.adapter
-    ckpt = estimate(SMOLLM2, Setup(backend="torch", rank=16, grad_checkpointing=True), 8, 512)
+    assert estimate(SMOLLM2, StepSetup(backend="torch", rank=128), 2, 256).adapter > 7 * base.adapter
+    ckpt = estimate(SMOLLM2, StepSetup(backend="torch", rank=16, grad_checkpointing=True), 8, 512)
     assert ckpt.activations < estimate(SMOLLM2, s, 8, 512).activations / 10
     # MLX keeps the B x H x T x T attention probabilities: quadratic in the sequence
-    mlx = Setup(backend="mlx", rank=16)
+    mlx = StepSetup(backend="mlx", rank=16)
     grow = estimate(SMOLLM2, mlx, 1, 2048).activations / estimate(SMOLLM2, mlx, 1, 1024).activations
     assert grow > 2.5
 
@@ -68,10 +68,10 @@ def test_weights_follow_dtype_and_quantization():
     shape = Shape.from_config(QWEN7B)
     n = sum(shape.parameters().values())
     assert 7.5e9 < n < 7.7e9  # Qwen2.5-7B has 7.62B parameters
-    bf16 = estimate(QWEN7B, Setup(dtype="bfloat16"), 1, 128).weights
+    bf16 = estimate(QWEN7B, StepSetup(dtype="bfloat16"), 1, 128).weights
     assert bf16 == 2 * n
-    mlx4 = estimate(QWEN7B, Setup(backend="mlx", dtype="bfloat16", quantize_bits=4), 1, 128).weights
-    nf4 = estimate(QWEN7B, Setup(backend="torch", dtype="bfloat16", quantize_bits=4), 1, 128).weights
+    mlx4 = estimate(QWEN7B, StepSetup(backend="mlx", dtype="bfloat16", quantize_bits=4), 1, 128).weights
+    nf4 = estimate(QWEN7B, StepSetup(backend="torch", dtype="bfloat16", quantize_bits=4), 1, 128).weights
     assert 0.27 * bf16 < mlx4 < 0.31 * bf16  # 4.5 bits a weight, embedding and head included
     # bitsandbytes quantizes the projections only, and peft's prepare_model_for_kbit_training makes
     # the embedding and head float32: 2 x 545M x 4 bytes of Qwen2.5-7B's 7.2 GiB
@@ -94,7 +94,7 @@ def test_chunk_rows_keep_a_chunk_near_32_mib():
 
 
 def test_plan_picks_the_largest_micro_batch_that_fits_and_keeps_the_effective_batch():
-    s = Setup(backend="torch", rank=16)
+    s = StepSetup(backend="torch", rank=16)
     one = estimate(SMOLLM2, s, 1, 512, accumulate=True).total
     four = estimate(SMOLLM2, s, 4, 512, accumulate=True).total
     plan = make_plan(SMOLLM2, s, int((four + estimate(SMOLLM2, s, 8, 512).total) / 2 / MARGIN), 16, 512, checkpointing=False)
@@ -108,7 +108,7 @@ def test_plan_picks_the_largest_micro_batch_that_fits_and_keeps_the_effective_ba
 
 
 def test_token_budget_holds_for_the_longest_sequence():
-    s = Setup(backend="mlx", rank=8)
+    s = StepSetup(backend="mlx", rank=8)
     plan = make_plan(SMOLLM2, s, 8 * 2**30, 32, 1024, checkpointing=False, typical_len=128)
     rows = plan.max_batch_tokens // 1024
     assert plan.micro_batch * 1024 > plan.max_batch_tokens  # typical batches are larger than long ones may be
@@ -376,7 +376,7 @@ def test_prediction_is_near_a_measured_peak_torch(tiny_model_dir):
     for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
         cur += e.nbytes()
         peak = max(peak, cur)
-    predicted = estimate(read_config(tiny_model_dir), Setup(backend="torch", rank=4), 8, 512, accumulate=False)
+    predicted = estimate(read_config(tiny_model_dir), StepSetup(backend="torch", rank=4), 8, 512, accumulate=False)
     assert predicted.step_total == pytest.approx(live + peak, rel=0.15)
 
 
@@ -392,7 +392,7 @@ def test_prediction_is_near_a_measured_peak_mlx(tiny_model_dir):
     b.train_step(tokens[:1, :8], mask[:1, :8], 8, True, 1e-3)
     b.train_step(tokens, mask, int(mask[:, 1:].sum()), True, 1e-3)
     measured = mx.get_peak_memory() - before
-    predicted = estimate(read_config(tiny_model_dir), Setup(backend="mlx", rank=4), 8, 512, accumulate=False)
+    predicted = estimate(read_config(tiny_model_dir), StepSetup(backend="mlx", rank=4), 8, 512, accumulate=False)
     assert predicted.step_total == pytest.approx(measured, rel=0.15)
 
 
@@ -400,9 +400,9 @@ def test_lora_parameter_count_matches_the_backend(tiny_model_dir):
     from mlxtune.models.source import read_config
 
     b = _tiny_backend("torch", tiny_model_dir)
-    assert lora_parameters(Shape.from_config(read_config(tiny_model_dir)), Setup(rank=4)) == b.trainable_parameters()
+    assert lora_parameters(Shape.from_config(read_config(tiny_model_dir)), StepSetup(rank=4)) == b.trainable_parameters()
     weights = sum(p.numel() * 4 for n, p in b.model.named_parameters() if "lora_" not in n)
-    assert estimate(read_config(tiny_model_dir), Setup(rank=4), 1, 8).weights == weights
+    assert estimate(read_config(tiny_model_dir), StepSetup(rank=4), 1, 8).weights == weights
 
 
 def test_out_of_memory_is_an_mlxtune_error():

@@ -346,18 +346,18 @@ def test_prompt_tuning_through_the_loop_on_both_backends(tiny_model_dir, tmp_pat
 
 
 def test_memory_planner_counts_virtual_tokens(tiny_model_dir):
-    from mlxtune.planning.memory import Setup, estimate
+    from mlxtune.planning.memory import StepSetup, estimate
 
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     for kind in KINDS:
         recipe = make_recipe(tiny_model_dir, kind)
-        setup = Setup.from_recipe(recipe, "torch", "cpu")
+        setup = StepSetup.from_recipe(recipe, "torch", "cpu")
         e = estimate(cfg, setup, 2, 32)
         n = VirtualSpec.from_config(cfg, recipe.adapter).parameters()
         assert e.adapter == n * 4 * 4  # float32 parameters, gradients, AdamW m and v
         longer = make_recipe(tiny_model_dir, kind)
         longer.adapter.num_virtual_tokens += 30
-        assert estimate(cfg, Setup.from_recipe(longer, "torch", "cpu"), 2, 32).activations > e.activations
+        assert estimate(cfg, StepSetup.from_recipe(longer, "torch", "cpu"), 2, 32).activations > e.activations
 
 
 @pytest.mark.parametrize("name", ["torch", "mlx"])
@@ -422,13 +422,13 @@ def test_smollm2_steps_match_between_backends(embedded_model_dir, adapter, later
 
 
 def test_planner_never_checkpoints_prefix_tuning(tiny_model_dir):
-    from mlxtune.planning.memory import Setup
+    from mlxtune.planning.memory import StepSetup
     from mlxtune.planning.planner import make_plan
 
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     plans = {}
     for kind in ("prompt", "prefix"):
-        setup = Setup.from_recipe(make_recipe(tiny_model_dir, kind), "torch", "cpu")
+        setup = StepSetup.from_recipe(make_recipe(tiny_model_dir, kind), "torch", "cpu")
         # a budget where 16 rows of 512 tokens fit only with checkpointing
         plain = make_plan(cfg, setup, 10**12, 16, 512, checkpointing=False).estimate.total
         plans[kind] = make_plan(cfg, setup, int(0.5 * plain), 16, 512, checkpointing="auto")

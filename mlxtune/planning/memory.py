@@ -93,7 +93,7 @@ class Shape:
 
 
 @dataclass(frozen=True)
-class Setup:
+class StepSetup:
     """How the step runs: backend and device, base precision, adapter, checkpointing."""
 
     backend: str = "torch"  # "torch" | "mlx"
@@ -112,7 +112,7 @@ class Setup:
     prefix_hidden: int = 0
 
     @classmethod
-    def from_recipe(cls, recipe, backend: str, device: str, grad_checkpointing: bool | None = None) -> Setup:
+    def from_recipe(cls, recipe, backend: str, device: str, grad_checkpointing: bool | None = None) -> StepSetup:
         from mlxtune.models.quantization import base_bits
 
         bits = base_bits(recipe)
@@ -130,7 +130,7 @@ def _virtual_setup(a) -> dict:
             "prefix_projection": a.method == "prefix" and a.prefix_projection, "prefix_hidden": a.prefix_hidden}
 
 
-def virtual_parameters(shape: Shape, s: Setup) -> int:
+def virtual_parameters(shape: Shape, s: StepSetup) -> int:
     """Trainable parameters of a prompt/prefix adapter (mlxtune/adapters/virtual.py's layout)."""
     from types import SimpleNamespace
 
@@ -177,7 +177,7 @@ class Estimate:
                 ("framework overhead", self.overhead, True)]
 
 
-def _weight_bytes(shape: Shape, s: Setup) -> int:
+def _weight_bytes(shape: Shape, s: StepSetup) -> int:
     p, db = shape.parameters(), DTYPE_BYTES[s.dtype]
     if not s.quantize_bits:
         return db * sum(p.values())
@@ -191,7 +191,7 @@ def _weight_bytes(shape: Shape, s: Setup) -> int:
     return int(per * p["projections"] + 4 * (p["embedding"] + p["head"] + p["other"]))
 
 
-def lora_parameters(shape: Shape, s: Setup) -> int:
+def lora_parameters(shape: Shape, s: StepSetup) -> int:
     per_layer = sum(s.rank * (i + o) for name, (i, o) in shape.linears().items() if name in s.targets)
     return per_layer * len(select_layers(shape.layers, s.layers))
 
@@ -211,7 +211,7 @@ def _adapted_inputs(shape: Shape, targets: set[str], a: int, backend: str) -> in
     return sum(a * n for names, n in groups if names & targets)
 
 
-def _layer_saved(shape: Shape, s: Setup, targets: set[str], seq: int) -> int:
+def _layer_saved(shape: Shape, s: StepSetup, targets: set[str], seq: int) -> int:
     """Bytes per token one block keeps for backward (without checkpointing)."""
     d, f, H = shape.hidden, shape.intermediate, shape.heads
     q, kv = H * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -236,7 +236,7 @@ def _layer_saved(shape: Shape, s: Setup, targets: set[str], seq: int) -> int:
 MLX_BACKWARD = {False: (4.64, 10.34, 1.86), True: (13.46, 17.78, 2.81)}
 
 
-def _backward_working(shape: Shape, s: Setup, seq: int, saved_block: int) -> int:
+def _backward_working(shape: Shape, s: StepSetup, seq: int, saved_block: int) -> int:
     """Bytes per token alive on top of the kept activations while the blocks run backward."""
     a = DTYPE_BYTES[s.dtype]
     if s.backend == "mlx":
@@ -251,7 +251,7 @@ def _backward_working(shape: Shape, s: Setup, seq: int, saved_block: int) -> int
     return work + (saved_block if s.grad_checkpointing else 0)
 
 
-def estimate(config: dict, setup: Setup, micro_batch: int, seq_len: int, accumulate: bool = True,
+def estimate(config: dict, setup: StepSetup, micro_batch: int, seq_len: int, accumulate: bool = True,
              where: str = "config.json") -> Estimate:
     """Predicted peak of one training step of ``micro_batch`` rows of ``seq_len`` tokens, every
     position a target (the worst case). ``accumulate``: gradients of earlier micro batches are

@@ -19,7 +19,7 @@ from typing import Any
 
 from mlxtune.errors import MlxtuneError
 from mlxtune.units import gib, parse_size
-from mlxtune.planning.memory import Estimate, Setup, estimate
+from mlxtune.planning.memory import Estimate, StepSetup, estimate
 from mlxtune.recipe.schema import Recipe, allows_checkpointing
 
 BUNDLED = Path(__file__).parents[1] / "model_configs"
@@ -162,7 +162,7 @@ def _divisors(n: int) -> list[int]:
     return [m for m in range(n, 0, -1) if n % m == 0]
 
 
-def make_plan(config: dict, setup: Setup, budget: int, effective_batch: int, seq_len: int,
+def make_plan(config: dict, setup: StepSetup, budget: int, effective_batch: int, seq_len: int,
               checkpointing: bool | str = "auto", typical_len: int | None = None, budget_note: str = "",
               where: str = "config.json") -> Plan:
     """The largest micro batch dividing ``effective_batch`` whose predicted peak at
@@ -224,7 +224,7 @@ def plan_recipe(recipe: Recipe, backend: str, budget: str | None = None, config_
     limit, note = budget_for(recipe, device, budget)
     t = recipe.train
     effective = t.effective_batch if t.micro_batch == "auto" else t.micro_batch * t.grad_accum
-    return make_plan(config, Setup.from_recipe(recipe, backend, device), limit, effective, recipe.data.max_seq_len,
+    return make_plan(config, StepSetup.from_recipe(recipe, backend, device), limit, effective, recipe.data.max_seq_len,
                      checkpointing=t.grad_checkpointing, typical_len=typical_len, budget_note=note, where=where)
 
 
@@ -311,7 +311,7 @@ def plan_cmd(recipe: str, budget: str | None, backend: str | None, config_file: 
     console = Console()
     render(plan, r, note, console)
     if r.train.micro_batch != "auto":
-        setup = Setup.from_recipe(r, name, plan.device)
+        setup = StepSetup.from_recipe(r, name, plan.device)
         mine = estimate(config, setup, r.train.micro_batch, r.data.max_seq_len, accumulate=r.train.grad_accum > 1)
         verdict = "[green]fits[/]" if mine.total <= plan.budget else "[red]does not fit[/]"
         console.print(f"as written (micro_batch = {r.train.micro_batch} x {r.data.max_seq_len} tokens, checkpointing "
