@@ -7,20 +7,19 @@ only through :func:`load_backend`, lazily, so ``mlxtune --help`` needs no framew
 from __future__ import annotations
 
 import importlib
-import platform
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from mlxtune.errors import MlxtuneError
+from mlxtune.training.backend_choice import resolve_backend
 
 if TYPE_CHECKING:
     from mlxtune.recipe.schema import Recipe
 
-# name -> (module, class, pip extra)
+# name -> (module, class, pip extra); the names are mlxtune.training.backend_choice.BACKEND_NAMES
 BACKENDS = {
     "torch": ("backends.torch_peft", "TorchBackend", "torch"),
     "mlx": ("backends.apple_mlx", "MLXBackend", "mlx"),
@@ -74,7 +73,7 @@ class Backend(Protocol):
         learning rate ``lr``, zero the gradients. Returns the NLL sum (not divided).
 
         On an allocation failure: discard the gradients accumulated since the last update and
-        raise ``mlxtune.planning.memory.OutOfMemory``; the loop retries the step in smaller passes. The
+        raise ``mlxtune.errors.OutOfMemory``; the loop retries the step in smaller passes. The
         loss is computed from the final hidden states of the masked positions only, with the
         vocabulary projection in chunks (never B x T x V logits)."""
 
@@ -112,16 +111,26 @@ class Backend(Protocol):
         """Device, dtype, framework versions and the base's quantization, for the run's report."""
 
 
-def default_backend() -> str:
-    if sys.platform == "darwin" and platform.machine() == "arm64":
-        return "mlx"
-    return "torch"
+class AdapterWeights:
+    """The three weight methods of :class:`Backend`, handed to the backend's adapter object
+    (``self.adapter``: one per method, with ``shapes``/``set_weights``/``get_weights``), so each
+    backend writes them once for all its methods."""
+
+    adapter: Any
+
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.adapter.shapes()
+
+    def set_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.adapter.set_weights(weights)
+
+    def get_adapter_weights(self) -> dict[str, np.ndarray]:
+        return self.adapter.get_weights()
 
 
 def load_backend(name: str) -> Backend:
-    """Instantiate a backend by name ('auto' picks by platform)."""
-    if name == "auto":
-        name = default_backend()
+    """Instantiate a backend by name ('auto' picks by platform: resolve_backend)."""
+    name, _ = resolve_backend(name)
     if name not in BACKENDS:
         raise MlxtuneError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     module_name, cls_name, extra = BACKENDS[name]

@@ -1,9 +1,11 @@
 """Prompt and prefix tuning on the MLX backend (mlx-lm has neither), with PEFT's maths.
 
-The trainable weights live in a :class:`VirtualTokens` module attached to the model as
-``model.virtual`` after the base is frozen, so they are the model's only trainable parameters and
-``nn.value_and_grad`` / the optimizer need nothing special. :func:`body` replaces
-``model.model(inputs)`` in the loss and returns the final hidden states of the real tokens only:
+:class:`VirtualAdapter` is the backend's adapter object for both methods (the interface is
+``backends/mlx_adapters.py``'s ``MLXAdapter``). The trainable weights live in a
+:class:`VirtualTokens` module attached to the model as ``model.virtual`` after the base is frozen,
+so they are the model's only trainable parameters and ``nn.value_and_grad`` / the optimizer need
+nothing special. :func:`body` (the adapter's ``hidden``) replaces ``model.model(inputs)`` in the
+loss and returns the final hidden states of the real tokens only:
 
 - prompt: the virtual embeddings are concatenated in front of the token embeddings (mlx-lm's
   ``input_embeddings``); positions count from 0 over the whole sequence, so the first real token
@@ -24,14 +26,20 @@ its real tokens at n_virtual whatever its padding, as in training.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
-from mlxtune.adapters.virtual import EMBED_KEY, VirtualSpec
+from mlxtune.adapters.virtual import EMBED_KEY, VirtualSpec, load_virtual, save_virtual
+
+from .mlx_adapters import base_generation_cache, base_hidden
 
 # mlxtune/adapters/virtual.py's PEFT names -> this module's parameter paths
 _MLP = {"transform.0.weight": "proj_in.weight", "transform.0.bias": "proj_in.bias",
@@ -64,28 +72,6 @@ class VirtualTokens(nn.Module):
         kv = self.flat_prefix().astype(dtype).reshape(s.n_virtual, 2 * s.layers, s.kv_heads, s.head_dim)
         kv = kv.transpose(1, 2, 0, 3)  # (2 * layers, heads, n, head_dim)
         return [(kv[2 * i][None], kv[2 * i + 1][None]) for i in range(s.layers)]
-
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        shapes = self.spec.shapes()
-        if set(weights) != set(shapes):
-            raise ValueError(f"{self.spec.method} weights {sorted(weights)} do not match {sorted(shapes)}")
-        flat = []
-        for k, v in weights.items():
-            if tuple(v.shape) != shapes[k]:
-                raise ValueError(f"{k}: shape {v.shape} != {shapes[k]}")
-            flat.append((_MLP.get(k, k.removesuffix(".weight") if k == EMBED_KEY else k), mx.array(np.asarray(v, dtype=np.float32))))
-        self.load_weights(flat, strict=True)
-        mx.eval(self.parameters())
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        from mlx.utils import tree_flatten
-
-        params = dict(tree_flatten(self.parameters()))
-        out = {EMBED_KEY: np.array(params["embedding"].astype(mx.float32))}
-        for peft_name, ours in _MLP.items():
-            if ours in params:
-                out[peft_name] = np.array(params[ours].astype(mx.float32))
-        return out
 
 
 class PrefixCache:
@@ -142,7 +128,7 @@ def body(model: nn.Module, inputs: mx.array) -> mx.array:
     """Final hidden states [B, T, d] of the real tokens ``inputs`` [B, T] behind the virtual tokens."""
     v = get(model)
     if v is None:
-        return model.model(inputs)
+        return base_hidden(model, inputs)
     n = v.spec.n_virtual
     if v.spec.method == "prompt":
         emb = model.model.embed_tokens(inputs)
@@ -153,13 +139,15 @@ def body(model: nn.Module, inputs: mx.array) -> mx.array:
     return model.model(inputs, cache=caches)
 
 
-def generation_cache(model: nn.Module, padding: np.ndarray) -> list[PrefixCache]:
+def generation_cache(model: nn.Module, padding: np.ndarray) -> list[Any]:
     """Per-layer caches holding the prefix (prompt tuning: the virtual tokens' keys and values)
-    ahead of left-padded prompts with ``padding`` pads per row."""
+    ahead of left-padded prompts with ``padding`` pads per row; mlx-lm's plain ``BatchKVCache``
+    when the virtual tokens are off."""
     from mlx_lm.models.cache import KVCache
 
     v = get(model)
-    assert v is not None
+    if v is None:
+        return base_generation_cache(model, padding)
     dtype = model.model.embed_tokens.weight.dtype
     if v.spec.method == "prompt":
         n = v.spec.n_virtual
@@ -169,3 +157,53 @@ def generation_cache(model: nn.Module, padding: np.ndarray) -> list[PrefixCache]
     else:
         pairs = v.layer_prefixes(dtype)
     return [PrefixCache(k, val, padding) for k, val in _batch(pairs, len(padding))]
+
+
+class VirtualAdapter:
+    """Prompt or prefix tuning as the backend's adapter (``MLXAdapter``): the :class:`VirtualTokens`
+    attached to the model, saved in PEFT's format (mlx-lm has none for these), as the torch
+    backend writes it."""
+
+    def __init__(self, model: nn.Module, spec: VirtualSpec, base_model: str) -> None:
+        self.tokens = attach(model, spec)
+        self.spec, self.base_model = spec, base_model
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Weight name -> shape (``mlxtune/adapters/virtual.py``)."""
+        return self.spec.shapes()
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.spec.check_weights(weights)
+        flat = [(_MLP.get(k, k.removesuffix(".weight") if k == EMBED_KEY else k), mx.array(np.asarray(v, dtype=np.float32)))
+                for k, v in weights.items()]
+        self.tokens.load_weights(flat, strict=True)
+        mx.eval(self.tokens.parameters())
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        params = dict(tree_flatten(self.tokens.parameters()))
+        out = {EMBED_KEY: np.array(params["embedding"].astype(mx.float32))}
+        for peft_name, ours in _MLP.items():
+            if ours in params:
+                out[peft_name] = np.array(params[ours].astype(mx.float32))
+        return out
+
+    def save(self, path: Path) -> None:
+        save_virtual(Path(path), self.spec, self.get_weights(), self.base_model)
+
+    def load(self, path: Path) -> None:
+        self.set_weights(load_virtual(Path(path), self.spec))
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The virtual tokens switched off meanwhile."""
+        self.tokens.enabled = False
+        try:
+            yield
+        finally:
+            self.tokens.enabled = True
+
+    def hidden(self, model: nn.Module, inputs: mx.array) -> mx.array:
+        return body(model, inputs)
+
+    def generation_cache(self, model: nn.Module, padding: np.ndarray) -> list[Any]:
+        return generation_cache(model, padding)

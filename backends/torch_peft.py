@@ -1,10 +1,12 @@
 """torch + transformers + peft backend (CUDA, MPS or CPU).
 
-Adapters: peft's LoRA; DoRA is peft's ``use_dora`` (its magnitude crosses the backend boundary as
-``<module>.lora_magnitude``); a quantized base (``qlora``, or ``model.quantize_bits`` > 0) is
-loaded with bitsandbytes on CUDA only (4 bits: NF4, double quantization, bfloat16 compute; 8
-bits: LLM.int8) and prepared with peft's ``prepare_model_for_kbit_training``; elsewhere the
-load stops with :func:`mlxtune.models.quantization.torch_problem`'s message.
+Adapters: one object per method behind one interface (``backends/torch_adapter.py``), chosen
+once in :meth:`TorchBackend.load`: peft's LoRA and DoRA (``backends/torch_lora.py``), PEFT's
+prompt and prefix tuning (``backends/torch_virtual.py``). A quantized base (``qlora``, or
+``model.quantize_bits`` > 0) is loaded with bitsandbytes on CUDA only (4 bits: NF4, double
+quantization, bfloat16 compute; 8 bits: LLM.int8) and prepared with peft's
+``prepare_model_for_kbit_training`` (``backends/torch_model.py``); elsewhere the load stops with
+:func:`mlxtune.models.quantization.torch_problem`'s message.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only); elsewhere the
 process's peak resident set size (``getrusage``), which includes Python and the libraries.
@@ -12,10 +14,8 @@ process's peak resident set size (``getrusage``), which includes Python and the 
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,35 +24,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlxtune.adapters.lora import MAGNITUDE, check_adapter, check_weight_keys, read_adapter
-from mlxtune.errors import MlxtuneError
+from mlxtune.data.batching import mask_union
 from mlxtune.errors import OutOfMemory, is_out_of_memory
+from mlxtune.models.quantization import torch_label
 from mlxtune.planning.memory import ce_chunk_rows
-from mlxtune.models.quantization import base_bits, torch_label, torch_problem
 from mlxtune.recipe.schema import VIRTUAL_METHODS, Recipe
-from mlxtune.adapters.virtual import VirtualSpec
 
-from .torch_virtual import VirtualTorch, generate_virtual
-from .torch_virtual import check_supported as check_virtual
-from .torch_virtual import peft_config as virtual_peft_config
+from . import AdapterWeights
+from .torch_adapter import TorchAdapter
+from .torch_lora import LoraTorch
+from .torch_model import DTYPES, attach_peft, check_device, check_model, load_base, pick_device
+from .torch_virtual import VirtualTorch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PEFT_PREFIX = "base_model.model."
 ADAMW_KWARGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MlxtuneError('model.device = "cuda" but torch sees no CUDA device; use "auto" or "cpu"')
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise MlxtuneError('model.device = "mps" but MPS is not available; use "auto" or "cpu"')
-    return torch.device(name)
 
 
 def nll_sum(logits: torch.Tensor, tokens: torch.Tensor, masks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -136,7 +120,7 @@ def adamw_impl(choice: str, device: torch.device) -> str:
     return choice
 
 
-class TorchBackend:
+class TorchBackend(AdapterWeights):
     name = "torch"
 
     def __init__(self) -> None:
@@ -144,123 +128,35 @@ class TorchBackend:
         self.optimizer: torch.optim.Optimizer | None = None
         self.recipe: Recipe | None = None
         self.last_grad_norm: float | None = None
-        self.dora = False
         self.quantization = "none"
-        self.virtual: VirtualTorch | None = None  # prompt/prefix tuning (backends/torch_virtual.py)
+        self.adapter: TorchAdapter | None = None  # the recipe's adapter (backends/torch_adapter.py)
 
     # -- loading --------------------------------------------------------------------
     def load(self, model_dir: Path, recipe: Recipe, layers: list[int]) -> None:
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
+        import peft  # noqa: F401  (a missing library fails before anything else)
+        import transformers  # noqa: F401
 
         self.recipe = recipe
         self.device = pick_device(recipe.model.device)
         self.dtype = DTYPES[recipe.model.dtype]
-        if recipe.train.autocast != "off" and (self.device.type == "mps" or (self.device.type == "cuda" and not torch.cuda.is_bf16_supported())):
-            raise MlxtuneError(f'train.autocast = "{recipe.train.autocast}": this {self.device.type} device has no bfloat16 autocast; set train.autocast = "off"')
+        check_device(recipe, self.device)
         torch.manual_seed(recipe.train.seed)
-        if "quantization" in json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")):
-            raise MlxtuneError(f"{model_dir}: an MLX-quantized model folder (mlx-lm's packed weights), which torch cannot load; "
-                               "use --backend mlx, or the unquantized model with model.quantize_bits")
-        bits = base_bits(recipe)
-        problem = torch_problem(recipe, self.device.type)
-        if problem:
-            raise MlxtuneError(problem)
-        quant: dict = {}
-        if bits:
-            from transformers import BitsAndBytesConfig
-
-            qc = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                     bnb_4bit_compute_dtype=torch.bfloat16) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
-            quant = {"quantization_config": qc, "device_map": {"": self.device.index or 0}}
-        base = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=self.dtype, attn_implementation="sdpa",
-            trust_remote_code=recipe.model.trust_remote_code, **quant,
-        )
-        if bits:
-            from peft import prepare_model_for_kbit_training
-
-            # freezes the base and makes the unquantized rest float32; checkpointing is set below
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-        base.config.use_cache = False
-        n_layers = base.config.num_hidden_layers
-        a = recipe.adapter
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})  # bnb's layers subclass Linear
-        missing = [t for t in a.target_modules if t not in linear_names]
-        if missing:
-            raise MlxtuneError(f"adapter.target_modules: {missing} not found in {model_dir.name}; its linear layers are: {', '.join(linear_names)}")
-        config = LoraConfig(
-            r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=list(a.target_modules),
-            layers_to_transform=None if len(layers) == n_layers else layers, bias="none", task_type="CAUSAL_LM",
-            use_dora=a.method == "dora",
-        ) if a.method not in VIRTUAL_METHODS else virtual_peft_config(VirtualSpec.from_config(base.config.to_dict(), a))
-        if recipe.train.grad_checkpointing is True:  # "auto" is resolved by the planner before load
-            if hasattr(base, "activation_checkpointing_enable"):  # the newer transformers 5 name
-                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            self.model = get_peft_model(base, config)
+        bits = check_model(model_dir, recipe, self.device)
+        base = load_base(model_dir, recipe, self.dtype, self.device, bits)
+        kind: type[TorchAdapter] = VirtualTorch if recipe.adapter.method in VIRTUAL_METHODS else LoraTorch
+        config = kind.peft_config(base, recipe.adapter, layers)
+        # "auto" is resolved by the planner before load
+        self.model = attach_peft(base, config, recipe.train.grad_checkpointing is True)
         if not bits:  # a bitsandbytes model is placed by its device_map
             self.model = self.model.to(self.device)
-        self.dora, self.quantization = a.method == "dora", torch_label(bits)
+        self.quantization = torch_label(bits)
         # the loss runs body and head apart (chunked cross-entropy) where the head is a plain linear
         chunked = base.config.model_type in CHUNKED_HEAD_TYPES and isinstance(base.get_output_embeddings(), torch.nn.Linear)
-        self._body = base.base_model if chunked else None
         self._head = base.get_output_embeddings() if chunked else None
         self._ce_rows = ce_chunk_rows(base.config.vocab_size)
-        self.virtual = None
-        if a.method in VIRTUAL_METHODS:
-            spec = VirtualSpec.from_config(base.config.to_dict(), a)
-            check_virtual(base, spec, chunked, recipe.train.grad_checkpointing is True)
-            self.virtual = VirtualTorch(self.model, spec)
+        self.adapter = kind.attach(self.model, recipe.adapter, chunked, self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-
-    def _lora_modules(self) -> dict[str, torch.nn.Module]:
-        from peft.tuners.lora import LoraLayer
-
-        return {name.removeprefix(PEFT_PREFIX): m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
-
-    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """LoRA: module path -> (in, out); prompt/prefix: weight name -> shape (mlxtune/adapters/virtual.py)."""
-        if self.virtual is not None:
-            return self.virtual.spec.shapes()
-        return {n: (m.in_features, m.out_features) for n, m in self._lora_modules().items()}
-
-    def set_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """LoRA A/B (and DoRA magnitudes); DoRA without magnitudes initialises them as peft does."""
-        from peft.utils.integrations import dequantize_module_weight
-
-        if self.virtual is not None:
-            return self.virtual.set_weights(weights)
-        modules = self._lora_modules()
-        has_mag = check_weight_keys(weights, modules, self.dora)
-        with torch.no_grad():
-            for name, m in modules.items():
-                m.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(weights[f"{name}.lora_A"], dtype=np.float32)))
-                m.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(weights[f"{name}.lora_B"], dtype=np.float32)))
-                if not self.dora:
-                    continue
-                mag = m.lora_magnitude_vector["default"].weight
-                if has_mag:
-                    mag.copy_(torch.from_numpy(np.asarray(weights[f"{name}.{MAGNITUDE}"], dtype=np.float32)))
-                else:  # row norms of W + scale * B @ A (peft's DoraLinearLayer.update_layer, in place)
-                    w = dequantize_module_weight(m.get_base_layer()).float()
-                    delta = m.lora_B["default"].weight.float() @ m.lora_A["default"].weight.float()
-                    mag.copy_(torch.linalg.norm(w + m.scaling["default"] * delta, dim=1))
-
-    def get_adapter_weights(self) -> dict[str, np.ndarray]:
-        if self.virtual is not None:
-            return self.virtual.get_weights()
-        out = {}  # copies: on CPU in fp32, .numpy() would share memory with the live parameters
-        for name, m in self._lora_modules().items():
-            out[f"{name}.lora_A"] = m.lora_A["default"].weight.detach().float().cpu().numpy().copy()
-            out[f"{name}.lora_B"] = m.lora_B["default"].weight.detach().float().cpu().numpy().copy()
-            if self.dora:
-                out[f"{name}.{MAGNITUDE}"] = m.lora_magnitude_vector["default"].weight.detach().float().cpu().numpy().copy()
-        return out
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -283,16 +179,12 @@ class TorchBackend:
         return torch.from_numpy(a).to(self.device)
 
     def _hidden(self, tok: torch.Tensor) -> torch.Tensor:
-        if self.virtual is not None:  # the real tokens' states behind the virtual tokens
-            return self.virtual.hidden(tok)
-        return self._body(input_ids=tok).last_hidden_state
-
-    def _adapter_off(self):
-        return self.virtual.disabled() if self.virtual is not None else self.model.disable_adapter()
+        """Final hidden states of the real tokens (behind the virtual tokens for prompt/prefix)."""
+        return self.adapter.hidden(tok)
 
     def train_step(self, tokens: np.ndarray, mask: np.ndarray, denom: int, update: bool, lr: float) -> float:
         """See ``Backend.train_step``. An out-of-memory error discards the gradients accumulated
-        since the last update and raises :class:`mlxtune.planning.memory.OutOfMemory`, so the loop can
+        since the last update and raises :class:`mlxtune.errors.OutOfMemory`, so the loop can
         retry the whole step with smaller micro batches."""
         self.model.train()
         tok = self._tensor(tokens).long()
@@ -325,36 +217,25 @@ class TorchBackend:
         self.model.eval()
         tok = self._tensor(tokens).long()
         names = list(masks)
-        with nullcontext() if adapter else self._adapter_off(), self._autocast():
+        with nullcontext() if adapter else self.adapter.disabled(), self._autocast():
             if self._head is None:
                 sums = nll_sum(self.model(input_ids=tok).logits, tok, [self._tensor(masks[n]) for n in names])
                 return {n: float(s) for n, s in zip(names, sums)}
             # one pass over the union of the masks; each mask then sums its own positions
-            union = np.logical_or.reduce([np.asarray(masks[n], dtype=bool) for n in names])
+            union, picks = mask_union(masks)
             h, t = shifted_rows(self._hidden(tok), tok, self._tensor(union))
             nll = chunked_nll_rows(h, self._head, t, self._ce_rows)
-        picked = union[:, 1:]
-        return {n: float(nll[self._tensor(np.asarray(masks[n], dtype=bool)[:, 1:][picked])].sum()) for n in names}
+        return {n: float(nll[self._tensor(picks[n])].sum()) for n in names}
 
     # -- files ----------------------------------------------------------------------
     def save_adapter(self, path: Path) -> None:
-        """PEFT format: adapter_model.safetensors + adapter_config.json."""
-        if self.virtual is not None:
-            return self.virtual.save(path)
-        self.model.save_pretrained(str(path), safe_serialization=True)
+        """PEFT format: adapter_model.safetensors + adapter_config.json (prompt/prefix: and the MLP, if any)."""
+        self.adapter.save(path)
 
     def load_adapter(self, path: Path) -> None:
-        """Load an adapter folder in PEFT's format (as :meth:`save_adapter` writes it) or in mlx-lm's
-        (``adapters.safetensors``, as the MLX backend or ``mlx_lm.lora`` writes it), LoRA or DoRA."""
-        from safetensors.torch import load_file
-
-        if self.virtual is not None:  # prompt/prefix: PEFT's format from either backend
-            return self.virtual.load(path)
-
-        a = self.recipe.adapter
-        af = read_adapter(Path(path), lambda f: {k: v.float().numpy() for k, v in load_file(str(f)).items()})
-        check_adapter(af, Path(path), a.method, a.rank, a.scale, self._lora_modules())
-        self.set_adapter_weights(af.weights)
+        """Load an adapter folder in PEFT's format (as :meth:`save_adapter` writes it); LoRA and DoRA
+        also in mlx-lm's (``adapters.safetensors``, as the MLX backend or ``mlx_lm.lora`` writes it)."""
+        self.adapter.load(path)
 
     def save_optimizer(self, path: Path) -> None:
         """AdamW state as safetensors: tensors under ``<param index>.<name>``, step counts included,
@@ -391,52 +272,30 @@ class TorchBackend:
     def generate(self, prompts: list[np.ndarray], max_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0, adapter: bool = True,
                  should_stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
-        """Batched generation with a KV cache (see ``Backend.generate``).
+        """Batched generation with a KV cache (see ``Backend.generate``; the prefill is the
+        adapter's, e.g. behind the virtual tokens).
 
         Left padding is invisible to a row: the attention mask hides the pads and position ids
         count only real tokens, as in transformers' own ``generate``. The training config keeps
         ``use_cache = False``; it is passed as True per call instead. Eval mode (no dropout)
         while generating, the previous mode restored after.
         """
-        from transformers import DynamicCache
-
         from mlxtune.evaluation.generation import check_sampling, decode_loop, left_pad
 
         check_sampling(temperature, top_p)
         if not prompts or max_tokens < 1:
             return [[] for _ in prompts]
         ids, padding = left_pad(prompts, pad_id)
-        attn = self._tensor((np.arange(ids.shape[1])[None, :] >= padding[:, None]).astype(np.int64))
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
 
-        def forward(tokens: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> np.ndarray:
-            out = self.model(input_ids=tokens, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1].float().cpu().numpy()
-
-        state = {"attn": attn, "pos": pos[:, -1:]}
-
-        def step(tokens: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
-            if keep is not None:  # drop finished rows from the cache and the mask
-                idx = torch.from_numpy(keep).to(self.device)
-                cache.batch_select_indices(idx)
-                state["attn"], state["pos"] = state["attn"][idx], state["pos"][idx]
-            state["attn"] = torch.cat([state["attn"], state["attn"].new_ones((len(tokens), 1))], dim=1)
-            state["pos"] = state["pos"] + 1
-            return forward(self._tensor(tokens).long()[:, None], state["attn"], state["pos"])
+        def decode(first: np.ndarray, step: Callable) -> list[list[int]]:
+            return decode_loop(first, step, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                               eos_ids=eos_ids, should_stop=should_stop)
 
         was_training = self.model.training
         self.model.eval()
         try:
-            if self.virtual is not None:  # virtual tokens ahead of each row (backends/torch_virtual.py)
-                return generate_virtual(self.virtual, prompts, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                        eos_ids=eos_ids, pad_id=pad_id, adapter=adapter, should_stop=should_stop,
-                                        device=self.device)
-            with nullcontext() if adapter else self.model.disable_adapter():
-                first = forward(self._tensor(ids).long(), attn, pos)
-                return decode_loop(first, step, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                   eos_ids=eos_ids, should_stop=should_stop)
+            with nullcontext() if adapter else self.adapter.disabled():
+                return self.adapter.generate(ids, padding, decode)
         finally:
             self.model.train(was_training)
 

@@ -21,7 +21,6 @@ n_virtual whatever its padding, and the attention mask hides the pads, never the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +30,8 @@ import torch
 
 from mlxtune.errors import MlxtuneError
 from mlxtune.adapters.virtual import VirtualSpec, load_virtual, save_virtual
+
+from .torch_adapter import Decode, cached_decode, real_tokens
 
 
 def peft_config(spec: VirtualSpec) -> Any:
@@ -44,10 +45,11 @@ def peft_config(spec: VirtualSpec) -> Any:
 
 
 class VirtualTorch:
-    """The prompt encoder of a PEFT prompt-learning model, and the forward passes around it."""
+    """The prompt encoder of a PEFT prompt-learning model, and the forward passes around it (the
+    :class:`~backends.torch_adapter.TorchAdapter` interface)."""
 
-    def __init__(self, peft_model: Any, spec: VirtualSpec) -> None:
-        self.peft_model, self.spec = peft_model, spec
+    def __init__(self, peft_model: Any, spec: VirtualSpec, device: torch.device) -> None:
+        self.peft_model, self.spec, self.device = peft_model, spec, device
         self.encoder = peft_model.prompt_encoder["default"]
         self.base = peft_model.get_base_model()
         self.body = self.base.base_model  # the decoder without the head
@@ -56,16 +58,27 @@ class VirtualTorch:
         if have != spec.shapes():  # PEFT and mlxtune/adapters/virtual.py must agree on the layout
             raise MlxtuneError(f"PEFT's {spec.method} encoder {have} differs from mlxtune's layout {spec.shapes()}")
 
+    @classmethod
+    def peft_config(cls, base: Any, adapter: Any, layers: list[int]) -> Any:
+        return peft_config(VirtualSpec.from_config(base.config.to_dict(), adapter))
+
+    @classmethod
+    def attach(cls, peft_model: Any, adapter: Any, chunked: bool, device: torch.device) -> VirtualTorch:
+        base = peft_model.get_base_model()
+        spec = VirtualSpec.from_config(base.config.to_dict(), adapter)
+        check_supported(base, spec, chunked)
+        return cls(peft_model, spec, device)
+
     # -- weights --------------------------------------------------------------------
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Weight name -> shape (mlxtune/adapters/virtual.py)."""
+        return self.spec.shapes()
+
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        shapes = self.spec.shapes()
-        if set(weights) != set(shapes):
-            raise ValueError(f"{self.spec.method} weights {sorted(weights)} do not match {sorted(shapes)}")
+        self.spec.check_weights(weights)
         state = self.encoder.state_dict()
         with torch.no_grad():
             for k, v in weights.items():
-                if tuple(v.shape) != shapes[k]:
-                    raise ValueError(f"{k}: shape {v.shape} != {shapes[k]}")
                 state[k].copy_(torch.from_numpy(np.asarray(v, dtype=np.float32)))
 
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -107,17 +120,17 @@ class VirtualTorch:
 
     # -- generation -------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, ids: np.ndarray, padding: np.ndarray, device: torch.device, max_tokens: int,
-                 decode: Callable[[np.ndarray, Callable], list[list[int]]]) -> list[list[int]]:
+    def generate(self, ids: np.ndarray, padding: np.ndarray, decode: Decode) -> list[list[int]]:
         """Prefill the left-padded ``ids`` behind the virtual tokens, then hand the per-token step
         to ``decode`` (the shared numpy loop). Positions: virtual tokens 0..n-1, a row's real
         tokens from n on, whatever its padding (as in training); pads are masked."""
         from transformers import DynamicCache
 
+        device = self.device
         n = self.spec.n_virtual if self.enabled else 0
         tok = torch.from_numpy(ids).long().to(device)
         batch = tok.shape[0]
-        real = torch.from_numpy((np.arange(ids.shape[1])[None, :] >= padding[:, None]).astype(np.int64)).to(device)
+        real = real_tokens(ids, padding, device)
         attn = torch.cat([real.new_ones((batch, n)), real], dim=1)
         pos = n + (real.cumsum(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = {}
@@ -132,49 +145,10 @@ class VirtualTorch:
         else:
             kwargs["input_ids"] = tok
             cache = DynamicCache(config=self.base.config)
-
-        def forward(attn: torch.Tensor, pos: torch.Tensor, **inputs: Any) -> np.ndarray:
-            out = self.base(attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
-                            logits_to_keep=1, **inputs)
-            return out.logits[:, -1].float().cpu().numpy()
-
-        state = {"attn": attn, "pos": pos[:, -1:]}
-
-        def step(tokens: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
-            if keep is not None:
-                idx = torch.from_numpy(keep).to(device)
-                cache.batch_select_indices(idx)
-                state["attn"], state["pos"] = state["attn"][idx], state["pos"][idx]
-            state["attn"] = torch.cat([state["attn"], state["attn"].new_ones((len(tokens), 1))], dim=1)
-            state["pos"] = state["pos"] + 1
-            return forward(state["attn"], state["pos"], input_ids=torch.from_numpy(tokens).long().to(device)[:, None])
-
-        first = forward(attn, pos, **kwargs)
-        return decode(first, step)
+        return cached_decode(self.base, cache, attn, pos, kwargs, device, decode)
 
 
-def check_supported(base: Any, spec: VirtualSpec, chunked: bool, grad_checkpointing: bool) -> None:
+def check_supported(base: Any, spec: VirtualSpec, chunked: bool) -> None:
     if not chunked:
         raise MlxtuneError(f"adapter.method = \"{spec.method}\" on the torch backend supports llama, mistral, qwen2 and "
                            f"qwen3 models (this one is {base.config.model_type!r})")
-    if spec.method == "prefix" and grad_checkpointing:
-        raise MlxtuneError('adapter.method = "prefix" does not work with gradient checkpointing (transformers drops '
-                           "the prefix cache under it); set train.grad_checkpointing = false")
-
-
-def generate_virtual(virtual: VirtualTorch, prompts: list[np.ndarray], max_tokens: int, *, temperature: float,
-                     top_p: float, seed: int, eos_ids: Sequence[int], pad_id: int, adapter: bool,
-                     should_stop: Callable[[list[int]], bool] | None, device: torch.device) -> list[list[int]]:
-    """``Backend.generate`` for a prompt/prefix model (see :meth:`VirtualTorch.generate`)."""
-    from mlxtune.evaluation.generation import decode_loop, left_pad
-
-    ids, padding = left_pad(prompts, pad_id)
-
-    def decode(first: np.ndarray, step: Callable) -> list[list[int]]:
-        return decode_loop(first, step, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                           eos_ids=eos_ids, should_stop=should_stop)
-
-    if adapter:
-        return virtual.generate(ids, padding, device, max_tokens, decode)
-    with virtual.disabled():
-        return virtual.generate(ids, padding, device, max_tokens, decode)

@@ -54,7 +54,7 @@ def measure(name: str, n: int, max_tokens: int, batch_size: int) -> dict[str, An
     """Runs in the worker process: load, warm up, time batched then one-by-one."""
     from mlxtune.data.records import encode_prompt
     from mlxtune.evaluation.generation import GenSettings, generate_texts
-    from mlxtune.recipe.schema import load_recipe
+    from mlxtune.recipe.loading import load_recipe
     from mlxtune.training.session import load_backend_with_adapter, prepare
 
     recipe = load_recipe(RECIPE)
@@ -62,15 +62,14 @@ def measure(name: str, n: int, max_tokens: int, batch_size: int) -> dict[str, An
     records = (data.eval_records + data.train_records)[:n]
     prompts = [encode_prompt(r, recipe.data, tokenizer) for r in records]
     backend = Counting(load_backend_with_adapter(name, model_dir, recipe))
-    generate_texts(backend, tokenizer, prompts[:2], GenSettings(max_tokens=4, batch_size=2), progress=False)
+    generate_texts(backend, tokenizer, prompts[:2], GenSettings(max_tokens=4, batch_size=2))
     result: dict[str, Any] = {"backend": name, "prompts": len(prompts), "info": backend.backend.describe(),
                               "prompt_tokens": [int(min(len(p) for p in prompts)), int(max(len(p) for p in prompts))]}
     texts = {}
     for label, bs in (("batched", batch_size), ("one-by-one", 1)):
         backend.new_tokens = 0
         start = time.perf_counter()
-        texts[label] = generate_texts(backend, tokenizer, prompts, GenSettings(max_tokens=max_tokens, batch_size=bs),
-                                      progress=False)
+        texts[label] = generate_texts(backend, tokenizer, prompts, GenSettings(max_tokens=max_tokens, batch_size=bs))
         seconds = time.perf_counter() - start
         result[label] = {"batch_size": bs, "seconds": seconds, "new_tokens": backend.new_tokens,
                          "prompts_per_s": len(prompts) / seconds, "tokens_per_s": backend.new_tokens / seconds}

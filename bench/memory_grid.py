@@ -132,7 +132,7 @@ def _status(key: str) -> int:
 def measure(point: dict) -> dict:
     import numpy as np
 
-    from mlxtune.recipe.schema import recipe_from_dict
+    from mlxtune.recipe.loading import recipe_from_dict
     from mlxtune.training.session import load_backend_with_adapter
 
     backend = point["backend"]
@@ -235,7 +235,7 @@ def real_models() -> None:
     table = Table(title="batch plans from the memory model: a 16 or 24 GiB Mac (MLX, 70% budget) or GPU (torch, "
                         "90%), the recipe's effective batch kept, every example up to max_seq_len")
     for col in ("model", "adapter", "eff. batch x seq", "machine", "weights", "plan (micro x accum, ckpt)",
-                "predicted peak", "longest seq, 1 row", f"micro 16, no ckpt"):
+                "predicted peak", "longest seq, 1 row", "micro 16, no ckpt"):
         table.add_column(col)
     for model, adapter, kw, effective, seq in REAL:
         cfg, _ = find_config(model)

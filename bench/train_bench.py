@@ -59,7 +59,7 @@ MLX_KEYS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj"
 
 def bench_recipe(path: Path, steps: int, warmup: int):
     """The recipe with ``train.steps = warmup + steps``, checked for settings every tool can express."""
-    from mlxtune.recipe.schema import load_recipe
+    from mlxtune.recipe.loading import load_recipe
 
     recipe = load_recipe(path, [f"train.steps={warmup + steps}"])
     t, d = recipe.train, recipe.data
@@ -271,8 +271,8 @@ def run_scorer(recipe, variants: dict[str, dict[str, Any]], work: Path) -> None:
 def score(recipe_path: str, adapters_json: str, out: str) -> None:
     """Response-only eval loss of each adapter on the eval split, with mlxtune's evaluator."""
     from mlxtune.data.batching import eval_batches
-    from mlxtune.training.loop import evaluate
-    from mlxtune.recipe.schema import load_recipe
+    from mlxtune.evaluation.scoring import evaluate
+    from mlxtune.recipe.loading import load_recipe
     from mlxtune.models.source import pad_id
     from mlxtune.training.session import load_backend_with_adapter, prepare
 

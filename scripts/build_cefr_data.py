@@ -33,7 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mlxtune.evaluation.metrics import CEFR_LEVELS, inflections, uses_word, words_of  # noqa: E402
+from mlxtune.data.wordlists import CEFR_LEVELS  # noqa: E402
+from mlxtune.evaluation.metrics import inflections, uses_word, words_of  # noqa: E402
 from mlxtune.data.wordlists import group_rows  # noqa: E402
 
 OUT = REPO / "data" / "cefr"

@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the checkout's mlxtune, also when it is not installed
 
 from mlxtune.evaluation.scoring import reference, score_outputs  # noqa: E402
-from mlxtune.recipe.schema import Recipe, recipe_from_dict  # noqa: E402
+from mlxtune.recipe.schema import Recipe  # noqa: E402
+from mlxtune.recipe.loading import recipe_from_dict  # noqa: E402
 
 OUT_DIR = REPO / "data" / "code"
 SOURCE = OUT_DIR / "problems.txt"

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mlxtune.data.records import build_dataset  # noqa: E402
-from mlxtune.units import gib
-from mlxtune.planning.memory import StepSetup, Shape, estimate, parse_size  # noqa: E402
+from mlxtune.models.shape import ModelShape  # noqa: E402
+from mlxtune.planning.memory import StepSetup, estimate, planner_shape  # noqa: E402
+from mlxtune.units import gib, parse_size  # noqa: E402
 from mlxtune.planning.planner import MARGIN, find_config, make_plan  # noqa: E402
-from mlxtune.recipe.schema import load_recipe  # noqa: E402
+from mlxtune.recipe.loading import load_recipe  # noqa: E402
 
 # Sustained training throughput assumed for the time estimate, FLOP/s. An M4-class 10-core GPU
 # peaks near 4 TFLOP/s (fp16/bf16); MLX LoRA steps sustain roughly half of it. An RTX 4090 peaks at
@@ -45,7 +46,7 @@ def token_counts(recipe) -> tuple[list[int], int]:
     return [len(e) for e in data.train], sum(int(e.loss_mask.sum()) for e in data.train)
 
 
-def step_flops(shape: Shape, checkpointing: bool, tokens: int, targets: int) -> float:
+def step_flops(shape: ModelShape, checkpointing: bool, tokens: int, targets: int) -> float:
     """Forward (2 x weights) + backward to the inputs (2 x weights; the frozen weights get no
     gradient) + a second forward with checkpointing, per position; the head on loss rows only."""
     body = shape.parameters()["projections"]
@@ -59,7 +60,7 @@ def row(path: Path) -> list[str]:
     estimated at the longest example of the data."""
     recipe = load_recipe(path, planning=True)
     config, _ = find_config(recipe.model.path)
-    shape = Shape.from_config(config)
+    shape = planner_shape(config)
     t = recipe.train
     lengths, targets = token_counts(recipe)
     typical = sorted(lengths)[int(0.9 * (len(lengths) - 1))]

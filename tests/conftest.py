@@ -164,7 +164,7 @@ def train_run(backend_name, model_dir, recipe, train, evals, path, resume=False,
             return orig(*a, **k)
         b.train_step = step
     return loop.train(b, train, evals, recipe.train, recipe.eval, RunDir.create(path, resume=resume), 0,
-                      resume=resume, progress=False)
+                      resume=resume)
 
 
 def ragged_batches(seed, n, vocab, b=2, lens=(9, 13, 7, 11)):

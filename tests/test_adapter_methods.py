@@ -27,7 +27,9 @@ from click.testing import CliRunner  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from test_mlx_backend import batches, make_model, make_recipe  # noqa: E402
 
-from backends.apple_mlx import MLXBackend, _dora_class, mlx_model_config  # noqa: E402
+from backends.apple_mlx import MLXBackend  # noqa: E402
+from backends.mlx_adapters import _dora_class  # noqa: E402
+from backends.mlx_config import mlx_model_config  # noqa: E402
 from backends.torch_peft import TorchBackend  # noqa: E402
 from mlxtune.adapters.lora import MAGNITUDE  # noqa: E402
 from mlxtune.errors import MlxtuneError  # noqa: E402
@@ -254,12 +256,12 @@ def test_group_size_must_divide_every_quantized_layer(tiny):
 
 
 def test_quantization_is_recorded_in_the_run_and_report(tiny_recipe):
-    from mlxtune.recipe.schema import load_recipe
+    from mlxtune.recipe.loading import load_recipe
     from mlxtune.runs.rundir import read_metrics
     from mlxtune.training.session import run
 
     r = load_recipe(tiny_recipe(), ['adapter.method="qlora"', "train.steps=4", "train.eval_every=2"])
-    run_dir, summary = run(r, "mlx", progress=False)
+    run_dir, summary = run(r, "mlx")
     start = next(e for e in read_metrics(run_dir.path) if e["event"] == "start")
     assert start["backend"]["quantization"] == "mlx affine 4-bit, group 64 (quantized at load)"
     assert "quantization mlx affine 4-bit, group 64" in (run_dir.path / "report.md").read_text()
@@ -303,7 +305,8 @@ def test_validate_says_torch_cannot_quantize_here(tmp_path, monkeypatch):
 def test_smollm2_qlora_on_mlx(embedded_model_dir, tmp_path):
     """QLoRA on the real model, briefly: quantized at load, the loss falls, base eval is the
     quantized base, the adapter saves, loads and generates."""
-    from mlxtune.recipe.schema import ALL_PROJECTIONS, recipe_from_dict
+    from mlxtune.recipe.schema import ALL_PROJECTIONS
+    from mlxtune.recipe.loading import recipe_from_dict
 
     r = recipe_from_dict({
         "data": {"train": "x.jsonl", "format": "chat"},

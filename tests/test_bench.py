@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mlxtune.errors import MlxtuneError
-from mlxtune.recipe.schema import load_recipe
+from mlxtune.recipe.loading import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -10,7 +10,8 @@ import pytest
 from mlxtune.data.records import build_dataset, load_records, record_to_messages
 from mlxtune.errors import MlxtuneError
 from mlxtune.evaluation.metrics import uses_word, words_of
-from mlxtune.recipe.schema import DataConfig, load_recipe
+from mlxtune.recipe.schema import DataConfig
+from mlxtune.recipe.loading import load_recipe
 from mlxtune.data.wordlists import group_rows, split_and_group
 
 REPO = Path(__file__).resolve().parent.parent

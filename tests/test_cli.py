@@ -69,6 +69,24 @@ def test_existing_run_is_refused_without_overwrite(tiny_recipe):
     assert res.exit_code == 2 and "no checkpoint" in res.output
 
 
+def test_run_prints_notes_bar_and_summary(tiny_recipe):
+    """What `mlxtune run` prints around training: the notes, the bar (drawn once at the end when
+    the output is not a terminal) and the closing table."""
+    from mlxtune.training.backend_choice import apple_silicon, resolve_backend
+
+    res = invoke("run", tiny_recipe(), "--backend", "auto", "--set", "train.steps=2", "--set", "output.name=notes")
+    assert res.exit_code == 0, res.output
+    name, note = resolve_backend("auto")
+    assert note == f"auto: {'Apple Silicon' if apple_silicon() else 'not Apple Silicon'}; choose with --backend"
+    lines = res.output.splitlines()
+    assert lines[0] == f"backend: {name} ({note})"
+    assert lines[1].startswith("data: 36 train / 12 eval examples, ")
+    assert any(line.startswith("model: ") and "trainable parameters: 8,192" in line for line in lines)
+    assert any(line.startswith("train ") and "2/2 loss " in line and " tok/s  eval " in line for line in lines)
+    assert "base vs fine-tuned on the eval split" in res.output and "trained tokens/s" in res.output
+    assert "run directory: " in res.output and res.output.rstrip().endswith("metrics.jsonl, report.md, loss.png)")
+
+
 @pytest.mark.parametrize("override, words", [
     ("data.train=missing.jsonl", ["data file not found", "missing.jsonl"]),
     ("data.max_seq_len=8", ["longer than data.max_seq_len = 8", "overlong"]),

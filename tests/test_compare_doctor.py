@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from mlxtune.cli.compare import compare_cmd
+from mlxtune.cli.doctor import doctor_cmd
+from mlxtune.runs.compare import compare_runs
 from mlxtune.system import blas
-from mlxtune.runs.compare import compare_cmd, compare_runs
-from mlxtune.system.doctor import doctor_cmd
 
 
 def fake_run(path: Path, losses: list[float], evals: dict[tuple[int, bool], tuple[float, float]], backend: str = "mlx") -> Path:
@@ -94,6 +95,19 @@ def test_doctor_reports_blas():
     assert "torch" in out.output and "mlx" in out.output
 
 
+def test_doctor_names_a_backend_that_does_not_load(monkeypatch):
+    """A backend whose framework is missing: the ImportError's first line and the pip extra."""
+    import backends
+    from mlxtune.system import doctor
+
+    monkeypatch.setitem(backends.BACKENDS, "mlx", ("json.no_such_framework", "MLXBackend", "mlx"))
+    rows = {name: (ok, detail) for name, ok, detail in doctor._backends()}
+    assert rows["mlx"] == (False, "ModuleNotFoundError: No module named 'json.no_such_framework'; pip install 'mlxtune[mlx]'")
+    assert rows["torch"] == (True, "backends.torch_peft.TorchBackend")
+    monkeypatch.setitem(backends.BACKENDS, "mlx", ("backends.no_such_module", "MLXBackend", "mlx"))
+    assert doctor._backends()[1] == ("mlx", False, "ModuleNotFoundError: No module named 'backends.no_such_module'")
+
+
 def test_doctor_warns_on_slow_blas(monkeypatch):
     from mlxtune.system import doctor
 
@@ -103,7 +117,7 @@ def test_doctor_warns_on_slow_blas(monkeypatch):
     monkeypatch.setattr(blas, "openblas_path", lambda: None)
     report = doctor.collect()
     assert report["warnings"] and "apt-get install -y libopenblas0-pthread" in report["warnings"][0]
-    out = CliRunner().invoke(doctor.doctor_cmd, [])
+    out = CliRunner().invoke(doctor_cmd, [])
     assert "WARNING" in out.output and "mlx[cpu]" in out.output
 
 

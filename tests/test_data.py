@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from mlxtune.data.records import build_dataset, encode_prompt, encode_record, load_records
+from mlxtune.data.records import build_dataset, encode_messages, encode_prompt, load_records, record_to_messages
 from mlxtune.errors import MlxtuneError
-from mlxtune.recipe.schema import DataConfig, load_recipe
+from mlxtune.recipe.schema import DataConfig
+from mlxtune.recipe.loading import load_recipe
 
 PC = {"prompt": "say hello", "completion": "hello world"}
 CASES = {
@@ -53,14 +54,14 @@ def marked(tok, ex):
 def test_golden_tokens_and_masks(tiny_tokenizer, case):
     fmt, kw, rec, expected = CASES[case]
     cfg = DataConfig(train="x.jsonl", format=fmt, **kw)
-    ex = encode_record(rec, cfg, tiny_tokenizer)
+    ex = encode_messages(record_to_messages(rec, cfg), cfg, tiny_tokenizer)
     assert ex.tokens.dtype == np.int32 and ex.loss_mask.dtype == bool
     assert marked(tiny_tokenizer, ex) == expected
     assert not ex.loss_mask[0]
 
 
 def test_golden_ids(tiny_tokenizer):
-    ex = encode_record(PC, DataConfig(train="x", format="prompt_completion"), tiny_tokenizer)
+    ex = encode_messages(record_to_messages(PC, cfg := DataConfig(train="x", format="prompt_completion")), cfg, tiny_tokenizer)
     v = tiny_tokenizer.convert_tokens_to_ids
     assert ex.tokens.tolist() == [v("<|user|>"), v("say"), v("hello"), 2, v("<|assistant|>"), v("hello"), v("world"), 2]
 
@@ -69,7 +70,7 @@ def test_golden_ids(tiny_tokenizer):
 def test_generation_prompt_is_the_training_prefix(tiny_tokenizer, case):
     fmt, kw, rec, _ = CASES[case]
     cfg = DataConfig(train="x.jsonl", format=fmt, **kw)
-    ex = encode_record(rec, cfg, tiny_tokenizer)
+    ex = encode_messages(record_to_messages(rec, cfg), cfg, tiny_tokenizer)
     prompt = encode_prompt(rec, cfg, tiny_tokenizer)
     last_untrained = np.flatnonzero(~ex.loss_mask)
     # the prompt is everything up to the final response
@@ -84,7 +85,7 @@ def test_real_chat_template_masks_exactly_the_response(embedded_model_dir):
     tok = load_tokenizer(embedded_model_dir)
     rec = {"level": "A1", "words": ["cat", "sun"], "sentences": ["I have a cat.", "The sun is hot."]}
     cfg = DataConfig(train="x", format="cefr_list")
-    ex = encode_record(rec, cfg, tok)
+    ex = encode_messages(record_to_messages(rec, cfg), cfg, tok)
     trained = tok.decode(ex.tokens[ex.loss_mask].tolist())
     assert trained == "1. I have a cat.\n2. The sun is hot.<|im_end|>\n"
     prompt = tok.decode(encode_prompt(rec, cfg, tok).tolist())

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from mlxtune.cli.main import cli
-from mlxtune.recipe.schema import reference_markdown
+from mlxtune.recipe.loading import reference_markdown
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()

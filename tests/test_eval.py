@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxtune.cli.main import cli
-from mlxtune.recipe.schema import load_recipe
+from mlxtune.recipe.loading import load_recipe
 
 from conftest import write_jsonl
 
@@ -80,6 +80,7 @@ def test_best_checkpoint_by_a_higher_is_better_metric(tiny_model_dir, tmp_path):
     """best/ follows the recipe's metric and its direction, not the eval loss."""
     from mlxtune.training import loop
     from mlxtune.data.batching import eval_batches
+    from mlxtune.evaluation.scoring import evaluate
     from mlxtune.data.records import Example
     from mlxtune.runs.rundir import RunDir
     from mlxtune.training.session import load_backend_with_adapter
@@ -96,11 +97,11 @@ def test_best_checkpoint_by_a_higher_is_better_metric(tiny_model_dir, tmp_path):
     bleus = {0: 1.0, 2: 5.0, 4: 30.0, 6: 10.0}  # rises, then falls while the loss keeps falling
 
     def score_fn(adapter: bool, step: int) -> dict:
-        return {**loop.evaluate(backend, evals, adapter=adapter), "bleu": bleus[step]}
+        return {**evaluate(backend, evals, adapter=adapter), "bleu": bleus[step]}
 
     evals = eval_batches(examples[:2], 2, 0)
     run = RunDir.create(tmp_path / "run")
-    summary = loop.train(backend, examples, evals, recipe.train, recipe.eval, run, 0, progress=False, score_fn=score_fn)
+    summary = loop.train(backend, examples, evals, recipe.train, recipe.eval, run, 0, score_fn=score_fn)
     assert summary["best_step"] == 4 and summary["best"] == 30.0
     assert json.loads((run.path / "best" / "state.json").read_text())["step"] == 4
 

@@ -140,7 +140,10 @@ def test_generate_texts_sorts_batches_restores_order_and_cuts_at_stop(tiny_token
     sentences = ["red blue green cat", "one", "the sky is blue and the grass is green", "dog sun", "a cat"]
     prompts = [np.array(tok(s, add_special_tokens=False)["input_ids"], dtype=np.int32) for s in sentences]
     fake = FakeBackend()
-    texts = generate_texts(fake, tok, prompts, GenSettings(batch_size=2, stop=("is",)), adapter=False, progress=True)
+    progress = RecordingProgress()
+    texts = generate_texts(fake, tok, prompts, GenSettings(batch_size=2, stop=("is",)), adapter=False, progress=progress)
+    assert [e[:2] for e in progress.events] == [("start", 5), ("advance", 2), ("advance", 2), ("advance", 1), ("close", None)]
+    assert all(e[2].endswith(" prompts/s") for e in progress.events if e[0] == "advance")
     reversed_texts = [" ".join(s.split()[::-1]) for s in sentences]
     assert texts == [cut_at_stop(t, ("is",)) for t in reversed_texts]
     assert texts[2] == "green "  # "green is ..." cut at the stop string
@@ -149,16 +152,44 @@ def test_generate_texts_sorts_batches_restores_order_and_cuts_at_stop(tiny_token
     seeds = [c["seed"] for c in fake.calls]
     assert len(set(seeds)) == 3
     again = FakeBackend()
-    assert generate_texts(again, tok, prompts, GenSettings(batch_size=2, stop=("is",)), progress=False) == texts
+    assert generate_texts(again, tok, prompts, GenSettings(batch_size=2, stop=("is",))) == texts
     assert [c["seed"] for c in again.calls] == seeds
-    assert generate_texts(FakeBackend(), tok, [], GenSettings(), progress=False) == []
+    assert generate_texts(FakeBackend(), tok, [], GenSettings()) == []
+
+
+class RecordingProgress:
+    """A generation Progress that remembers what it was told."""
+
+    def __init__(self):
+        self.events = []
+
+    def start(self, total):
+        self.events.append(("start", total, ""))
+
+    def advance(self, n, rate_text):
+        self.events.append(("advance", n, rate_text))
+
+    def close(self):
+        self.events.append(("close", None, ""))
+
+
+def test_generate_texts_closes_its_progress_when_generation_fails(tiny_tokenizer):
+    class Broken(FakeBackend):
+        def generate(self, *a, **k):
+            raise RuntimeError("boom")
+
+    progress = RecordingProgress()
+    prompt = np.array(tiny_tokenizer("one", add_special_tokens=False)["input_ids"], dtype=np.int32)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate_texts(Broken(), tiny_tokenizer, [prompt], GenSettings(), progress=progress)
+    assert [e[0] for e in progress.events] == ["start", "close"]
 
 
 # ---------------------------------------------------------------- both backends on the tiny Llama
 
 
 def tiny_backend(name: str, model_dir: Path, **train):
-    from mlxtune.recipe.schema import recipe_from_dict
+    from mlxtune.recipe.loading import recipe_from_dict
     from mlxtune.training.session import load_backend_with_adapter
 
     recipe = recipe_from_dict({
@@ -203,7 +234,7 @@ def prompts(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from mlxtune.data.records import encode_prompt
-    from mlxtune.recipe.schema import recipe_from_dict
+    from mlxtune.recipe.loading import recipe_from_dict
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = recipe_from_dict({"data": {"train": "x.jsonl", "format": "prompt_completion"}}).data
@@ -237,10 +268,9 @@ def test_eos_and_should_stop_end_rows_and_leave_the_others_alone(backend, prompt
 
 def test_stop_strings_cut_the_text(backend, prompts, tiny_tokenizer):
     settings = GenSettings(max_tokens=12, batch_size=3)
-    texts = generate_texts(backend, tiny_tokenizer, prompts, settings, progress=False)
+    texts = generate_texts(backend, tiny_tokenizer, prompts, settings)
     word = texts[0].split()[2]
-    cut = generate_texts(backend, tiny_tokenizer, prompts, GenSettings(max_tokens=12, batch_size=3, stop=(word,)),
-                         progress=False)
+    cut = generate_texts(backend, tiny_tokenizer, prompts, GenSettings(max_tokens=12, batch_size=3, stop=(word,)))
     assert cut == [cut_at_stop(t, (word,)) for t in texts]
     assert cut[0] == texts[0][: texts[0].find(word)] and len(cut[0]) < len(texts[0])
 
@@ -290,7 +320,7 @@ def test_smollm2_greedy_answer_ends_at_im_end(embedded_model_dir):
     pytest.importorskip("peft")
     from mlxtune.data.records import encode_prompt
     from mlxtune.models.source import load_tokenizer
-    from mlxtune.recipe.schema import load_recipe
+    from mlxtune.recipe.loading import load_recipe
     from mlxtune.training.session import load_backend_with_adapter
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.toml")

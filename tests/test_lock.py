@@ -11,6 +11,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from packaging.requirements import Requirement
 
+from mlxtune.cli.doctor import doctor_cmd
 from mlxtune.system import doctor
 from mlxtune.system import lock
 
@@ -69,7 +70,7 @@ def test_doctor_names_each_package_that_differs_from_the_lock(monkeypatch):
     assert report["tested"]["transformers"] == pins["transformers"]
     warning = report["warnings"][-1]
     assert f"transformers 5.24.0 (tested {pins['transformers']})" in warning and str(lock.LOCK_PATH) in warning
-    out = CliRunner().invoke(doctor.doctor_cmd, [])
+    out = CliRunner().invoke(doctor_cmd, [])
     assert out.exit_code == 0 and "tested" in out.output and "1 installed package(s) differ" in out.output
 
     monkeypatch.setattr(lock, "installed_versions", lambda names: {n: pins.get(lock.canonical(n)) for n in names})

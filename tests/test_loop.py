@@ -10,7 +10,9 @@ import pytest
 from mlxtune.training import loop
 from mlxtune.data.batching import collate, epoch_batches, total_steps
 from mlxtune.data.records import Example
-from mlxtune.recipe.schema import TrainConfig, load_recipe
+from mlxtune.evaluation.scoring import evaluate
+from mlxtune.recipe.schema import TrainConfig
+from mlxtune.recipe.loading import load_recipe
 
 
 def test_schedule_warmup_cosine_linear_constant():
@@ -73,12 +75,48 @@ def test_training_by_epochs_never_borrows_from_an_extra_epoch(tmp_path):
     cfg = TrainConfig(epochs=3, micro_batch=4, grad_accum=2, lr=1e-3)
     backend = CountingBackend()
     run = RunDir.create(tmp_path / "run")
-    loop.train(backend, examples, [], cfg, EvalConfig(before=False), run, 0, progress=False)
+    ui = RecordingUI()
+    loop.train(backend, examples, [], cfg, EvalConfig(before=False), run, 0, ui=ui)
     trains = [e for e in run.events() if e["event"] == "train"]
     assert [e["step"] for e in trains] == [1, 2, 3, 4, 5]
     assert {e["epoch"] for e in trains} == {0, 1, 2}
     assert sum(rows for rows, _ in backend.passes) == 30  # every example exactly 3 times
     assert len(backend.passes) == 9 and [u for _, u in backend.passes].count(True) == 5 and backend.passes[-1][1]
+    assert ui.events[0] == ("start", 5, 0) and ui.events[-1] == ("close",)
+    assert [e[1] for e in ui.events if e[0] == "step"] == [1, 2, 3, 4, 5]
+    assert all(e[4] is None for e in ui.events if e[0] == "step")  # no eval set, no eval loss
+
+
+class RecordingUI:
+    """A TrainUI that remembers what the loop told it."""
+
+    def __init__(self):
+        self.events = []
+
+    def message(self, text):
+        self.events.append(("message", text))
+
+    def start(self, total, done):
+        self.events.append(("start", total, done))
+
+    def step(self, step, loss, tokens_per_s, eval_loss):
+        self.events.append(("step", step, loss, tokens_per_s, eval_loss))
+
+    def close(self):
+        self.events.append(("close",))
+
+    def generation(self):
+        return None
+
+
+def test_train_state_keeps_the_checkpoint_keys():
+    """state.json of a checkpoint has the keys it had as a dict, and old ones still load."""
+    old = {"step": 5, "total": 12, "best": 4.2, "best_step": 4, "base": {"loss": 5.0}, "pass_rows": 4}
+    state = loop.TrainState.from_dict(old)
+    assert state.to_dict() == old and list(state.to_dict()) == list(old)
+    fresh = loop.TrainState(total=12)
+    assert fresh.to_dict() == {"step": 0, "total": 12, "best": None, "best_step": None, "base": None}
+    assert loop.TrainState.from_dict({k: v for k, v in old.items() if k != "pass_rows"}).pass_rows is None
 
 
 def test_collate_masks():
@@ -137,7 +175,7 @@ def test_eval_base_equals_adapter_at_init_and_masks_differ(tiny_recipe):
     from mlxtune.data.batching import eval_batches
 
     batches = eval_batches(ds.eval, 3, 0)
-    base, tuned = loop.evaluate(b, batches, adapter=False), loop.evaluate(b, batches, adapter=True)
+    base, tuned = evaluate(b, batches, adapter=False), evaluate(b, batches, adapter=True)
     assert base["loss"] == pytest.approx(tuned["loss"], abs=1e-6)  # B = 0 at init
     assert base["tokens_full"] > base["tokens"] > 0
     assert base["ppl"] == pytest.approx(np.exp(base["loss"]))
@@ -153,7 +191,7 @@ def test_ctrl_c_checkpoints_and_resume_continues_identically(tiny_recipe, monkey
     from mlxtune.training.session import run
 
     path = tiny_recipe()
-    full_dir, _ = run(load_recipe(path, ["output.name=full", "adapter.dropout=0.1"]), "torch", progress=False)
+    full_dir, _ = run(load_recipe(path, ["output.name=full", "adapter.dropout=0.1"]), "torch")
 
     calls = {"n": 0}
     original = TorchBackend.train_step
@@ -167,13 +205,14 @@ def test_ctrl_c_checkpoints_and_resume_continues_identically(tiny_recipe, monkey
     monkeypatch.setattr(TorchBackend, "train_step", interrupting)
     recipe = load_recipe(path, ["output.name=cut", "adapter.dropout=0.1"])
     with pytest.raises(MlxtuneError, match=r"interrupted at step 5/12.*--resume") as e:
-        run(recipe, "torch", progress=False)
+        run(recipe, "torch")
     assert e.value.exit_code == 130
     cut_dir = full_dir.path.parent / "cut"
-    assert (cut_dir / "checkpoints" / "step-000005" / "state.json").is_file()
+    state = json.loads((cut_dir / "checkpoints" / "step-000005" / "state.json").read_text())
+    assert list(state) == ["step", "total", "best", "best_step", "base", "pass_rows"] and state["step"] == 5
     assert not list((cut_dir / "checkpoints").glob(".*"))  # no half-written folder
     monkeypatch.setattr(TorchBackend, "train_step", original)
-    run(recipe, "torch", resume=True, progress=False)
+    run(recipe, "torch", resume=True)
     full, resumed = _train_losses(full_dir.path), _train_losses(cut_dir)
     assert sorted(resumed) == list(range(1, 13))
     for step in full:

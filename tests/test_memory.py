@@ -22,9 +22,9 @@ from mlxtune.data.records import Example
 from mlxtune.errors import MlxtuneError
 from mlxtune.errors import OutOfMemory, is_out_of_memory
 from mlxtune.units import parse_size
-from mlxtune.planning.memory import StepSetup, Shape, ce_chunk_rows, estimate, lora_parameters
+from mlxtune.planning.memory import StepSetup, ce_chunk_rows, estimate, lora_parameters, planner_shape
 from mlxtune.planning.planner import MARGIN, find_config, make_plan
-from mlxtune.recipe.schema import load_recipe
+from mlxtune.recipe.loading import load_recipe
 
 ROOT = Path(__file__).parent.parent
 BUNDLED = ROOT / "mlxtune" / "model_configs"
@@ -65,7 +65,7 @@ def test_estimate_grows_with_the_work_and_checkpointing_pays_on_deep_models():
 
 
 def test_weights_follow_dtype_and_quantization():
-    shape = Shape.from_config(QWEN7B)
+    shape = planner_shape(QWEN7B)
     n = sum(shape.parameters().values())
     assert 7.5e9 < n < 7.7e9  # Qwen2.5-7B has 7.62B parameters
     bf16 = estimate(QWEN7B, StepSetup(dtype="bfloat16"), 1, 128).weights
@@ -80,9 +80,9 @@ def test_weights_follow_dtype_and_quantization():
 
 def test_unknown_architecture_is_refused():
     with pytest.raises(MlxtuneError, match="model_type 'gpt2' is not covered"):
-        Shape.from_config({"model_type": "gpt2"}, "x/config.json")
+        planner_shape({"model_type": "gpt2"}, "x/config.json")
     with pytest.raises(MlxtuneError, match="no 'hidden_size'"):
-        Shape.from_config({"model_type": "llama", "num_attention_heads": 2, "num_hidden_layers": 1})
+        planner_shape({"model_type": "llama", "num_attention_heads": 2, "num_hidden_layers": 1})
 
 
 def test_chunk_rows_keep_a_chunk_near_32_mib():
@@ -235,7 +235,7 @@ def test_oom_backoff_halves_the_micro_batch_and_gives_the_same_training(tiny_rec
 
     path = tiny_recipe()
     sets = ["adapter.dropout=0.0", "train.steps=4", "train.eval_every=0"]
-    ref_dir, _ = run(load_recipe(path, sets + ["output.name=ref"]), "torch", progress=False)
+    ref_dir, _ = run(load_recipe(path, sets + ["output.name=ref"]), "torch")
 
     calls = {"n": 0}
     original = TorchBackend._hidden
@@ -248,7 +248,7 @@ def test_oom_backoff_halves_the_micro_batch_and_gives_the_same_training(tiny_rec
         return original(self, tok)
 
     monkeypatch.setattr(TorchBackend, "_hidden", flaky)
-    oom_dir, _ = run(load_recipe(path, sets + ["output.name=oom"]), "torch", progress=False)
+    oom_dir, _ = run(load_recipe(path, sets + ["output.name=oom"]), "torch")
     (ev,) = _events(oom_dir.path, "oom_backoff")
     assert ev["step"] == 1 and ev["micro_batch"] == 2 and ev["grad_accum"] == 4 and "simulated" in ev["error"]
     ref, got = _events(ref_dir.path, "train"), _events(oom_dir.path, "train")
@@ -257,7 +257,7 @@ def test_oom_backoff_halves_the_micro_batch_and_gives_the_same_training(tiny_rec
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
 
     monkeypatch.setattr(TorchBackend, "_hidden", original)
-    split_dir, _ = run(load_recipe(path, sets + ["output.name=split", "train.max_batch_tokens=24"]), "torch", progress=False)
+    split_dir, _ = run(load_recipe(path, sets + ["output.name=split", "train.max_batch_tokens=24"]), "torch")
     for a, b in zip(ref, _events(split_dir.path, "train")):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
 
@@ -275,7 +275,7 @@ def test_oom_with_one_row_per_pass_is_a_clear_error(tiny_recipe, monkeypatch):
 
     monkeypatch.setattr(TorchBackend, "_hidden", always)
     with pytest.raises(MlxtuneError, match="one example per forward pass.*max_seq_len"):
-        run(load_recipe(tiny_recipe(), ["train.steps=2", "eval.before=false"]), "torch", progress=False)
+        run(load_recipe(tiny_recipe(), ["train.steps=2", "eval.before=false"]), "torch")
 
 
 def test_auto_micro_batch_runs_with_the_plan(tiny_recipe):
@@ -283,7 +283,7 @@ def test_auto_micro_batch_runs_with_the_plan(tiny_recipe):
 
     sets = ["train.micro_batch=auto", "train.grad_accum=1", "train.effective_batch=8", "train.memory_budget=4GB",
             "train.steps=2", "train.eval_every=0"]
-    run_dir, _ = run(load_recipe(tiny_recipe(), sets), "torch", progress=False)
+    run_dir, _ = run(load_recipe(tiny_recipe(), sets), "torch")
     resolved = (run_dir.path / "recipe.resolved.toml").read_text()
     assert "micro_batch = 8" in resolved and "grad_checkpointing = false" in resolved
     assert len(_events(run_dir.path, "train")) == 2
@@ -307,7 +307,7 @@ def test_torch_chunked_loss_equals_full_logits():
 
 
 def _tiny_backend(name, model_dir, **train):
-    from mlxtune.recipe.schema import recipe_from_dict
+    from mlxtune.recipe.loading import recipe_from_dict
     from mlxtune.training.session import load_backend_with_adapter
 
     recipe = recipe_from_dict({"data": {"train": "x.jsonl", "format": "chat"}, "adapter": {"rank": 4, "alpha": 8.0},
@@ -400,7 +400,7 @@ def test_lora_parameter_count_matches_the_backend(tiny_model_dir):
     from mlxtune.models.source import read_config
 
     b = _tiny_backend("torch", tiny_model_dir)
-    assert lora_parameters(Shape.from_config(read_config(tiny_model_dir)), StepSetup(rank=4)) == b.trainable_parameters()
+    assert lora_parameters(planner_shape(read_config(tiny_model_dir)), StepSetup(rank=4)) == b.trainable_parameters()
     weights = sum(p.numel() * 4 for n, p in b.model.named_parameters() if "lora_" not in n)
     assert estimate(read_config(tiny_model_dir), StepSetup(rank=4), 1, 8).weights == weights
 

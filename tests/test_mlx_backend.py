@@ -27,11 +27,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from backends.apple_mlx import MLXBackend, mlx_model_config  # noqa: E402
+from backends.apple_mlx import MLXBackend  # noqa: E402
+from backends.mlx_config import mlx_model_config  # noqa: E402
 from conftest import ragged_batches, train_run  # noqa: E402
 from mlxtune.adapters.lora import init_lora  # noqa: E402
 from mlxtune.errors import MlxtuneError  # noqa: E402
-from mlxtune.recipe.schema import ALL_PROJECTIONS, recipe_from_dict  # noqa: E402
+from mlxtune.recipe.schema import ALL_PROJECTIONS  # noqa: E402
+from mlxtune.recipe.loading import recipe_from_dict  # noqa: E402
 
 VOCAB = 256
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -335,7 +337,7 @@ def test_optimizer_state_roundtrip_resumes_identically(tiny_llama, tmp_path):
         a.train_step(t, m, int(m[:, 1:].sum()), True, 3e-3)
     a.save_adapter(tmp_path / "ad")
     a.save_optimizer(tmp_path / "opt.safetensors")
-    assert (tmp_path / "opt.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "opt.safetensors"]  # no temporary file left
     b = mlx_backend(tiny_llama, recipe)
     b.setup_optimizer(recipe)
     b.load_adapter(tmp_path / "ad")
@@ -357,7 +359,23 @@ def test_describe_and_peak_memory(tiny_llama):
 
 def test_scale_is_alpha_over_rank(tiny_llama):
     b = mlx_backend(tiny_llama, make_recipe())
-    assert all(math.isclose(m.scale, 2.0) for m in b.lora.values())
+    assert all(math.isclose(m.scale, 2.0) for m in b.adapter.modules.values())
+
+
+def test_every_adapter_method_has_the_same_interface():
+    """One adapter object per method behind backends/mlx_adapters.py's MLXAdapter protocol; the
+    backend refuses every call before load()."""
+    from backends.mlx_adapters import LoraAdapter, MLXAdapter
+    from backends.mlx_virtual import VirtualAdapter
+
+    names = {n for n, v in vars(MLXAdapter).items() if callable(v) and not n.startswith("_")}
+    assert {"shapes", "set_weights", "get_weights", "save", "load", "disabled", "hidden", "generation_cache"} <= names
+    for cls in (LoraAdapter, VirtualAdapter):
+        assert names <= {n for n in dir(cls) if callable(getattr(cls, n))}, cls
+    b = MLXBackend()
+    for call in (lambda: b.model, lambda: b.adapter_shapes(), lambda: b.get_adapter_weights(), lambda: b.save_adapter("x")):
+        with pytest.raises(RuntimeError, match=r"MLXBackend: call load\(\) first"):
+            call()
 
 
 # ------------------------------------------------------------------ both backends through the core's loop
@@ -386,7 +404,7 @@ def _train_through_loop(backend_name: str, model_dir: Path, recipe, run_path: Pa
     backend.setup_optimizer(recipe)
     run = RunDir.create(run_path)
     evals = eval_batches(_examples(11, 6), recipe.eval.batch_size, 0)
-    summary = loop.train(backend, _examples(10, 24), evals, recipe.train, recipe.eval, run, 0, progress=False)
+    summary = loop.train(backend, _examples(10, 24), evals, recipe.train, recipe.eval, run, 0)
     return backend, summary
 
 

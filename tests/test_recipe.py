@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mlxtune.errors import MlxtuneError
-from mlxtune.recipe.schema import load_recipe, parse_override, recipe_from_dict, reference_markdown
+from mlxtune.recipe.loading import load_recipe, parse_override, recipe_from_dict, reference_markdown
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
 MINIMAL = '[data]\ntrain = "d.jsonl"\nformat = "alpaca"\n'

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from mlxtune.cli.main import cli
 from mlxtune.errors import MlxtuneError
-from mlxtune.recipe.schema import load_recipe
+from mlxtune.recipe.loading import load_recipe
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
@@ -100,9 +100,9 @@ def test_recipe_smoke_on_the_embedded_model(path, backend, tmp_path, embedded_mo
         torch = pytest.importorskip("torch")
         if not torch.cuda.is_available():
             with pytest.raises(MlxtuneError, match="CUDA"):
-                run(recipe, backend, progress=False)
+                run(recipe, backend)
             return
-    run_dir, summary = run(recipe, backend, progress=False)
+    run_dir, summary = run(recipe, backend)
     events = run_dir.events()
     start, base, evals = split_events(events)
     trains = [e for e in events if e["event"] == "train"]

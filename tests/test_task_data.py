@@ -10,7 +10,8 @@ import pytest
 
 from mlxtune.data.records import load_records, record_to_messages
 from mlxtune.evaluation.scoring import reference, score_outputs
-from mlxtune.recipe.schema import DataConfig, recipe_from_dict
+from mlxtune.recipe.schema import DataConfig
+from mlxtune.recipe.loading import recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 EN_TR = REPO / "data" / "en_tr"

@@ -27,7 +27,7 @@ peft = pytest.importorskip("peft")
 
 from conftest import ragged_batches, train_run  # noqa: E402
 from mlxtune.errors import MlxtuneError  # noqa: E402
-from mlxtune.recipe.schema import recipe_from_dict  # noqa: E402
+from mlxtune.recipe.loading import recipe_from_dict  # noqa: E402
 from mlxtune.training.session import load_backend_with_adapter  # noqa: E402
 from mlxtune.adapters.virtual import (  # noqa: E402
     VirtualSpec,
@@ -96,6 +96,19 @@ def test_shapes_follow_peft_gqa_layout(tiny_model_dir):
     assert all(np.array_equal(w[k], init_virtual(spec, 3)[k]) for k in w)  # seeded
     assert not np.array_equal(w["embedding.weight"], init_virtual(spec, 4)["embedding.weight"])
     assert abs(float(w["transform.0.weight"].max())) <= 1 / np.sqrt(32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_both_backends_refuse_weights_that_do_not_fit(tiny_model_dir, backend):
+    """One rule (VirtualSpec.check_weights) for both backends: a missing or misshapen tensor is
+    refused before anything is written into the model."""
+    b = load_backend_with_adapter(backend, tiny_model_dir, make_recipe(tiny_model_dir, "prefix-mlp"))
+    good = b.get_adapter_weights()
+    with pytest.raises(ValueError, match="do not match"):
+        b.set_adapter_weights({k: v for k, v in good.items() if k != "transform.2.bias"})
+    with pytest.raises(ValueError, match=r"transform.0.bias: shape \(23,\) != \(24,\)"):
+        b.set_adapter_weights(good | {"transform.0.bias": np.zeros(23, np.float32)})
+    assert all(np.array_equal(v, b.get_adapter_weights()[k]) for k, v in good.items())
 
 
 def test_text_init_equals_peft_text_init(tiny_model_dir, tiny_tokenizer):
@@ -339,7 +352,7 @@ def test_prompt_tuning_through_the_loop_on_both_backends(tiny_model_dir, tmp_pat
     for name in ("mlx", "torch"):
         b = load_backend_with_adapter(name, tiny_model_dir, recipe)
         b.setup_optimizer(recipe)
-        loop.train(b, train, evals, recipe.train, recipe.eval, RunDir.create(tmp_path / name), 0, progress=False)
+        loop.train(b, train, evals, recipe.train, recipe.eval, RunDir.create(tmp_path / name), 0)
         assert (tmp_path / name / "adapters" / "adapter_model.safetensors").is_file()
     res = compare_runs(tmp_path / "mlx", tmp_path / "torch", tol=1e-4)
     assert len(res["train"]) == 6 and res["agree"], res["worst"]

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from mlxtune.errors import MlxtuneError
+from mlxtune.models.shape import ModelShape
 
 EMBED_KEY = "embedding.weight"
-MLP_KEYS = ("transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias")
 EMBED_TENSOR = "model.embed_tokens.weight"
 
 
@@ -63,15 +63,15 @@ class VirtualSpec:
     @classmethod
     def from_config(cls, config: dict[str, Any], adapter: Any) -> VirtualSpec:
         """From config.json (as a dict) and the recipe's ``[adapter]``."""
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
+        return cls.from_shape(ModelShape.from_config(config), adapter)
+
+    @classmethod
+    def from_shape(cls, shape: ModelShape, adapter: Any) -> VirtualSpec:
         projection = adapter.method == "prefix" and bool(adapter.prefix_projection)
-        return cls(method=adapter.method, n_virtual=int(adapter.num_virtual_tokens), hidden=hidden,
-                   layers=int(config["num_hidden_layers"]), kv_heads=kv_heads, head_dim=head_dim,
-                   projection=projection, heads=heads,
-                   mlp_hidden=(int(adapter.prefix_hidden) or kv_heads * head_dim) if projection else 0)
+        return cls(method=adapter.method, n_virtual=int(adapter.num_virtual_tokens), hidden=shape.hidden,
+                   layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                   projection=projection, heads=shape.heads,
+                   mlp_hidden=(int(adapter.prefix_hidden) or shape.kv_width) if projection else 0)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Weight name -> shape, in PEFT's prompt encoder naming."""
@@ -85,6 +85,16 @@ class VirtualSpec:
 
     def parameters(self) -> int:
         return sum(math.prod(s) for s in self.shapes().values())
+
+    def check_weights(self, weights: dict[str, Any]) -> None:
+        """ValueError unless ``weights`` has exactly :meth:`shapes`' names and shapes (what a
+        backend's ``set_adapter_weights`` accepts)."""
+        shapes = self.shapes()
+        if set(weights) != set(shapes):
+            raise ValueError(f"{self.method} weights {sorted(weights)} do not match {sorted(shapes)}")
+        for k, v in weights.items():
+            if tuple(v.shape) != shapes[k]:
+                raise ValueError(f"{k}: shape {v.shape} != {shapes[k]}")
 
 
 def text_init_ids(tokenizer: Any, text: str, n_virtual: int) -> list[int]:

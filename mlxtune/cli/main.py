@@ -7,13 +7,13 @@ import sys
 import click
 
 from mlxtune import __version__
-from mlxtune.runs.compare import compare_cmd
-from mlxtune.system.doctor import doctor_cmd
-from mlxtune.errors import MlxtuneError
-from mlxtune.planning.planner import plan_cmd
+from mlxtune.cli.compare import compare_cmd
+from mlxtune.cli.doctor import doctor_cmd
 from mlxtune.cli.evaluate import eval_cmd
-from mlxtune.recipe.schema import SET_HELP, load_recipe
-
+from mlxtune.cli.options import backend_option, no_progress_option, recipe_argument, set_option
+from mlxtune.cli.plan import plan_cmd
+from mlxtune.errors import MlxtuneError
+from mlxtune.recipe.loading import load_recipe
 
 
 class UserError(click.ClickException):
@@ -44,39 +44,40 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default=None, help="Override the recipe's backend.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@recipe_argument
+@backend_option()
+@set_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory of the same name.")
 @click.option("--resume", is_flag=True, help="Continue the run from its newest checkpoint.")
-@click.option("--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is written either way).")
+@no_progress_option("No progress bar (metrics.jsonl is written either way).")
 def run(recipe: str, backend: str | None, overrides: tuple[str, ...], overwrite: bool, resume: bool, no_progress: bool) -> None:
     """Train the recipe's adapter; writes runs/<name>/ and prints base vs fine-tuned eval."""
     if overwrite and resume:
         raise MlxtuneError("--overwrite and --resume exclude each other")
+    from mlxtune.cli.ui import RichTrainUI, err_console, print_summary
     from mlxtune.training.session import run as run_recipe
 
-    run_recipe(load_recipe(recipe, list(overrides)), backend, overwrite=overwrite, resume=resume, progress=not no_progress)
+    r = load_recipe(recipe, list(overrides))
+    run_dir, summary = run_recipe(r, backend, overwrite=overwrite, resume=resume, ui=RichTrainUI(bar=not no_progress))
+    print_summary(summary)
+    err_console().print(f"run directory: [bold]{run_dir.path}[/] (adapters/, best/, metrics.jsonl, report.md, loss.png)")
 
 
 @cli.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default=None,
-              help="Check for this backend on this machine (default: the recipe's; auto = what `run` would pick).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@recipe_argument
+@backend_option("Check for this backend on this machine (default: the recipe's; auto = what `run` would pick).")
+@set_option
 def validate(recipe: str, backend: str | None, overrides: tuple[str, ...]) -> None:
     """Check a recipe (keys, types, combinations, data files) without loading a model."""
-    r = load_recipe(recipe, list(overrides))
-    from backends import default_backend
-
-    from mlxtune.models.quantization import base_bits, mlx_label, torch_label, torch_problem
-
-    name = backend or r.backend
-    name = default_backend() if name == "auto" else name
-    if name == "torch" and (problem := torch_problem(r)):
-        raise MlxtuneError(f"{recipe}: {problem}")
     from pathlib import Path
 
+    from mlxtune.models.quantization import base_bits, mlx_label, torch_label, torch_problem
+    from mlxtune.training.backend_choice import resolve_backend
+
+    r = load_recipe(recipe, list(overrides))
+    name, _ = resolve_backend(backend or r.backend)
+    if name == "torch" and (problem := torch_problem(r)):
+        raise MlxtuneError(f"{recipe}: {problem}")
     for key in ("train", "eval"):
         value = getattr(r.data, key)
         if value and Path(value).suffix and not Path(r.resolve_path(value)).is_file():
@@ -93,10 +94,10 @@ def data() -> None:
 
 
 @data.command("show")
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@recipe_argument
 @click.option("-n", "count", default=2, show_default=True, help="Examples to print.")
 @click.option("--split", type=click.Choice(["train", "eval"]), default="train", show_default=True)
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@set_option
 def data_show(recipe: str, count: int, split: str, overrides: tuple[str, ...]) -> None:
     """Print rendered examples with the trained tokens marked, and length statistics."""
     from rich.console import Console
@@ -125,7 +126,7 @@ def data_show(recipe: str, count: int, split: str, overrides: tuple[str, ...]) -
 @click.option("--markdown", is_flag=True, help="Print as the README's markdown tables.")
 def keys(markdown: bool) -> None:
     """List every recipe key with its type, default and meaning."""
-    from mlxtune.recipe.schema import reference_markdown
+    from mlxtune.recipe.loading import reference_markdown
 
     text = reference_markdown()
     if not markdown:

@@ -310,10 +310,6 @@ def encode_messages(msgs: list[dict[str, str]], cfg: DataConfig, tokenizer: Any)
     return tokenize_segments(render_segments(msgs, cfg.template, tokenizer, cfg.system_prompt), tokenizer, cfg)
 
 
-def encode_record(rec: dict[str, Any], cfg: DataConfig, tokenizer: Any, source: str = "<data>", row: int = 0) -> Example:
-    return encode_messages(record_to_messages(rec, cfg, source, row), cfg, tokenizer)
-
-
 def encode_prompt(rec: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> np.ndarray:
     """Token ids of the generation prompt for a record: the training prefix of its response."""
     msgs = record_to_messages(rec, cfg)

@@ -23,7 +23,8 @@ from collections import deque
 from typing import Any
 
 from mlxtune.errors import MlxtuneError
-from mlxtune.evaluation.metrics import CEFR_LEVELS
+
+CEFR_LEVELS = ("A1", "A2", "B1", "B2", "C1", "C2")
 
 # (share of records, possible list sizes): the size mix of the users' experiment (seed 002)
 SIZE_MIX = ((0.7, (10,)), (0.2, (8, 9)), (0.1, (6, 7)))

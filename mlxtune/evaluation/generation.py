@@ -9,7 +9,8 @@ Two layers:
   one token per still-running row, with its KV cache).
 - :func:`generate_texts` is what the evaluation code calls: prompts (token ids from
   :func:`mlxtune.data.records.encode_prompt`, the exact training prefix) -> texts, in batches of
-  similar length, with the tokenizer's end-of-turn ids and the recipe's stop strings.
+  similar length, with the tokenizer's end-of-turn ids and the recipe's stop strings. It reports
+  to a :class:`Progress` when given one (the command layer draws it as a bar).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,6 +31,18 @@ if TYPE_CHECKING:
 # step(next_tokens int32[k], keep) -> float32 logits[k, V] for the next position. ``keep`` holds
 # the positions (in the previous step's batch) of the rows still running, or None when all are.
 StepFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+class Progress(Protocol):
+    """Where a long job reports how far it is: ``start`` once with the number of items (prompts),
+    ``advance`` after each batch with the items it finished and the rate so far as text, ``close``
+    at the end (also when the job fails). One object may be started again after ``close``."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, n: int, rate_text: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -207,13 +220,14 @@ def chunk_seed(seed: int, indices: Sequence[int]) -> int:
 
 
 def generate_texts(backend: Backend, tokenizer: Any, prompts: list[np.ndarray], settings: GenSettings, *,
-                   adapter: bool = True, progress: bool = True) -> list[str]:
+                   adapter: bool = True, progress: Progress | None = None) -> list[str]:
     """Generate a text for every prompt, in the input order.
 
     Prompts are sorted by length and cut into batches of ``settings.batch_size`` so a batch
     holds similar lengths (little padding); each batch's seed comes from ``settings.seed`` and
     the original indices of its prompts. Texts are decoded without special tokens and cut at
-    the first stop string.
+    the first stop string. ``progress``, when given, hears of every finished batch (with the
+    prompts per second so far).
     """
     n = len(prompts)
     order = sorted(range(n), key=lambda i: (len(prompts[i]), i))
@@ -231,22 +245,19 @@ def generate_texts(backend: Backend, tokenizer: Any, prompts: list[np.ndarray], 
         for i, ids in zip(chunk, outs):
             texts[i] = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), settings.stop)
 
-    if not progress:
+    if progress is None:
         for chunk in chunks:
             run_chunk(chunk)
         return texts
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeElapsedColumn())
     start = time.perf_counter()
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("generate", total=n, rate="")
+    progress.start(n)
+    try:
         done = 0
         for chunk in chunks:
             run_chunk(chunk)
             done += len(chunk)
-            bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - start, 1e-9):.2f} prompts/s")
+            progress.advance(len(chunk), f"{done / max(time.perf_counter() - start, 1e-9):.2f} prompts/s")
+    finally:
+        progress.close()
     return texts

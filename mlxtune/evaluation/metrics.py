@@ -12,6 +12,7 @@ import re
 from functools import lru_cache
 from typing import Any, Iterable
 
+from mlxtune.data.wordlists import CEFR_LEVELS
 from mlxtune.errors import MlxtuneError
 
 # Two losses exist and are never shown without saying which one (seed 001 mixed them up).
@@ -29,7 +30,6 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "bleu": True, "chrf": True, "pass@1": True, "cefr": True, "word_usage": True, "level_ok": True,
 }
 
-CEFR_LEVELS = ("A1", "A2", "B1", "B2", "C1", "C2")
 _EVAL_EXTRA = "pip install 'mlxtune[eval]'"
 
 
@@ -83,6 +83,16 @@ def is_better(metric: str, new: float, old: float | None) -> bool:
     if old is None or math.isnan(old):
         return True
     return new > old if higher_is_better(metric) else new < old
+
+
+# eval-event key of each `best_metric` name that differs from it
+METRIC_KEYS = {"eval_loss": "loss", "eval_loss_full": "loss_full"}
+
+
+def metric_value(ev: dict[str, Any], name: str) -> float | None:
+    """The value of the `best_metric` ``name`` in an eval event (None when it has none)."""
+    v = ev.get(METRIC_KEYS.get(name, name))
+    return None if v is None else float(v)
 
 
 # ------------------------------------------------------------------ BLEU / chrF

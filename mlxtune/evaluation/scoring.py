@@ -2,32 +2,42 @@
 
 One function, :func:`score`, is used by the training loop at every eval and by `mlxtune eval`
 on any checkpoint, so a BLEU or a pass@1 in ``metrics.jsonl`` and in the checkpoint table are
-computed the same way. Generation prompts come from :func:`mlxtune.data.records.encode_prompt`, the
-prefix the model was trained on.
+computed the same way; :func:`evaluate` is its loss part (the loop's eval when the recipe asks
+for no generation metric). Generation prompts come from
+:func:`mlxtune.data.records.encode_prompt`, the prefix the model was trained on.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlxtune.data.batching import Batch
 from mlxtune.data.records import encode_prompt, record_to_messages
 from mlxtune.errors import MlxtuneError
-from mlxtune.files import write_text_atomic
+from mlxtune.evaluation.metrics import bleu, cefr_corpus, cefr_score, chrf, mean_pass_at_k, perplexity, token_weighted_loss
 from mlxtune.recipe.schema import Recipe
 
 if TYPE_CHECKING:
     from backends import Backend
 
-# eval-event key of each `best_metric` name that differs from it
-METRIC_KEYS = {"eval_loss": "loss", "eval_loss_full": "loss_full"}
+    from mlxtune.evaluation.generation import Progress
+
+PPL_CAP = 50.0  # perplexities are exp(min(loss, PPL_CAP)): a diverged eval stays a finite number
 
 
-def metric_value(ev: dict[str, Any], name: str) -> float | None:
-    v = ev.get(METRIC_KEYS.get(name, name))
-    return None if v is None else float(v)
+def evaluate(backend: Backend, batches: list[Batch], adapter: bool = True) -> dict[str, float]:
+    """Token-weighted loss over the whole eval split, response-only and full text."""
+    parts: dict[str, list[tuple[float, int]]] = {"response": [], "full": []}
+    for b in batches:
+        out = backend.eval_step(b.tokens, {"response": b.mask, "full": b.full_mask}, adapter=adapter)
+        parts["response"].append((out["response"], int(b.mask.sum())))
+        parts["full"].append((out["full"], int(b.full_mask.sum())))
+    tokens = {k: sum(n for _, n in v) for k, v in parts.items()}
+    loss, loss_full = (token_weighted_loss(parts[k]) if tokens[k] else 0.0 for k in ("response", "full"))
+    return {
+        "loss": loss, "loss_full": loss_full, "tokens": tokens["response"], "tokens_full": tokens["full"],
+        "ppl": perplexity(min(loss, PPL_CAP)), "ppl_full": perplexity(min(loss_full, PPL_CAP)),
+    }
 
 
 def reference(rec: dict[str, Any], recipe: Recipe) -> str:
@@ -41,8 +51,9 @@ def generation_records(records: list[dict[str, Any]], recipe: Recipe) -> list[di
 
 
 def generate_outputs(backend: Backend, tokenizer: Any, records: list[dict[str, Any]], recipe: Recipe,
-                     adapter: bool, progress: bool) -> list[list[str]]:
-    """``eval.samples`` completions per record (sample s uses seed ``eval.seed + s``)."""
+                     adapter: bool, progress: Progress | None = None) -> list[list[str]]:
+    """``eval.samples`` completions per record (sample s uses seed ``eval.seed + s``), each
+    generation reported to ``progress`` when given."""
     from mlxtune.evaluation.generation import GenSettings, generate_texts
 
     cfg = recipe.eval
@@ -73,9 +84,8 @@ def _code_programs(records: list[dict[str, Any]], outputs: list[list[str]]) -> l
 
 def score_outputs(records: list[dict[str, Any]], outputs: list[list[str]], recipe: Recipe,
                   progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Generation metrics of ``outputs`` (one list of samples per record) and one row per record."""
-    from mlxtune.evaluation import metrics as M
-
+    """Generation metrics of ``outputs`` (one list of samples per record) and one row per record;
+    ``progress`` prints the sandbox's progress (pass@k) on stderr."""
     cfg = recipe.eval
     result: dict[str, Any] = {}
     rows = [{"index": i, "outputs": outs} for i, outs in enumerate(outputs)]
@@ -85,9 +95,9 @@ def score_outputs(records: list[dict[str, Any]], outputs: list[list[str]], recip
         for row, ref in zip(rows, refs):
             row["reference"] = ref
         if "bleu" in cfg.metrics:
-            result.update(M.bleu(firsts, refs))
+            result.update(bleu(firsts, refs))
         if "chrf" in cfg.metrics:
-            result.update(M.chrf(firsts, refs))
+            result.update(chrf(firsts, refs))
     if "pass@k" in cfg.metrics:
         from mlxtune.evaluation.sandbox import run_programs
 
@@ -99,13 +109,13 @@ def score_outputs(records: list[dict[str, Any]], outputs: list[list[str]], recip
             row["outcomes"] = [{"status": o.status, "reason": o.reason} for o in mine]
             counts.append((len(mine), sum(o.status == "pass" for o in mine)))
         for k in cfg.pass_k:
-            result[f"pass@{k}"] = M.mean_pass_at_k(counts, k)
+            result[f"pass@{k}"] = mean_pass_at_k(counts, k)
         result["solved"] = f"{sum(c > 0 for _, c in counts)}/{len(counts)}"  # as seed 003's table counts them
     if "cefr" in cfg.metrics:
         items = [(r["level"], list(r["words"]), out) for r, out in zip(records, firsts)]
         for row, item in zip(rows, items):
-            row["cefr"] = M.cefr_score(*item)
-        corpus = M.cefr_corpus(items)
+            row["cefr"] = cefr_score(*item)
+        corpus = cefr_corpus(items)
         result["cefr"] = corpus["cefr"]
         result["cefr_word_usage"] = corpus["word_usage"]
         result["cefr_level_ok"] = corpus["level_ok"]
@@ -115,21 +125,15 @@ def score_outputs(records: list[dict[str, Any]], outputs: list[list[str]], recip
 
 
 def score(backend: Backend, tokenizer: Any, eval_set: list[Batch], records: list[dict[str, Any]], recipe: Recipe,
-          adapter: bool = True, progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Losses on the whole eval split (both masks) and the recipe's generation metrics."""
-    from mlxtune.training.loop import evaluate
-
+          adapter: bool = True, progress: Progress | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Losses on the whole eval split (both masks) and the recipe's generation metrics, with one
+    row per generated record (``RunDir.write_generations`` keeps them). With ``progress``, the
+    generation reports to it and the code sandbox prints its progress."""
     ev: dict[str, Any] = evaluate(backend, eval_set, adapter=adapter) if eval_set else {}
     rows: list[dict[str, Any]] = []
     if recipe.eval.metrics and records:
         recs = generation_records(records, recipe)
         outputs = generate_outputs(backend, tokenizer, recs, recipe, adapter, progress)
-        gen, rows = score_outputs(recs, outputs, recipe, progress)
+        gen, rows = score_outputs(recs, outputs, recipe, progress is not None)
         ev.update(gen)
     return ev, rows
-
-
-def write_generations(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Every generated output next to its reference and outcome, for reading by hand."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

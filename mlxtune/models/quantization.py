@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mlxtune.recipe.schema import Recipe
 
-QUANTIZING_METHODS = ("lora", "dora", "qlora")  # adapters that train on a quantized base
-
 
 def base_bits(recipe: Recipe) -> int:
     """Bits per frozen base weight: ``model.quantize_bits``, where 0 means 4 for ``qlora``."""

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 from mlxtune.adapters.lora import select_layers
 from mlxtune.errors import MlxtuneError
+from mlxtune.models.shape import ModelShape
 from mlxtune.recipe.schema import ALL_PROJECTIONS
 
 CE_CHUNK_BYTES = 32 * 2**20  # float32 logits held at once by the chunked cross-entropy
@@ -36,57 +37,13 @@ def ce_chunk_rows(vocab_size: int) -> int:
 # ---------------------------------------------------------------- the model's shape
 
 
-@dataclass(frozen=True)
-class Shape:
-    """What the memory model needs from config.json."""
-
-    model_type: str
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool = False
-    qk_norm: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: dict, where: str = "config.json") -> Shape:
-        mt = cfg.get("model_type", "")
-        if mt not in ARCHITECTURES:
-            raise MlxtuneError(f"{where}: model_type {mt!r} is not covered by the memory planner "
-                               f"(covered: {', '.join(ARCHITECTURES)})")
-        try:
-            heads = int(cfg["num_attention_heads"])
-            return cls(
-                model_type=mt, layers=int(cfg["num_hidden_layers"]), hidden=int(cfg["hidden_size"]),
-                intermediate=int(cfg["intermediate_size"]), heads=heads,
-                kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
-                vocab=int(cfg["vocab_size"]), tied=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)), qk_norm=mt == "qwen3",
-            )
-        except KeyError as e:
-            raise MlxtuneError(f"{where}: no {e.args[0]!r}, which the memory planner needs") from None
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """Short name -> (in_features, out_features) of each projection in a block."""
-        d, q, kv, f = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-                "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-
-    def parameters(self) -> dict[str, int]:
-        """Parameter counts: quantizable matrices (projections, embedding, untied head) and the rest."""
-        lin = self.layers * sum(i * o for i, o in self.linears().values())
-        small = (2 * self.layers + 1) * self.hidden
-        if self.qkv_bias:
-            small += self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim
-        if self.qk_norm:
-            small += 2 * self.layers * self.head_dim
-        return {"projections": lin, "embedding": self.vocab * self.hidden,
-                "head": 0 if self.tied else self.vocab * self.hidden, "other": small}
+def planner_shape(cfg: dict, where: str = "config.json") -> ModelShape:
+    """The model's sizes, for an architecture whose blocks the memory model describes."""
+    mt = cfg.get("model_type", "")
+    if mt not in ARCHITECTURES:
+        raise MlxtuneError(f"{where}: model_type {mt!r} is not covered by the memory planner "
+                           f"(covered: {', '.join(ARCHITECTURES)})")
+    return ModelShape.from_config(cfg, where)
 
 
 # ---------------------------------------------------------------- what a step keeps
@@ -130,17 +87,15 @@ def _virtual_setup(a) -> dict:
             "prefix_projection": a.method == "prefix" and a.prefix_projection, "prefix_hidden": a.prefix_hidden}
 
 
-def virtual_parameters(shape: Shape, s: StepSetup) -> int:
+def virtual_parameters(shape: ModelShape, s: StepSetup) -> int:
     """Trainable parameters of a prompt/prefix adapter (mlxtune/adapters/virtual.py's layout)."""
     from types import SimpleNamespace
 
     from mlxtune.adapters.virtual import VirtualSpec
 
-    cfg = {"num_attention_heads": shape.heads, "hidden_size": shape.hidden, "num_key_value_heads": shape.kv_heads,
-           "head_dim": shape.head_dim, "num_hidden_layers": shape.layers}
     a = SimpleNamespace(method=s.method, num_virtual_tokens=s.virtual_tokens, prefix_projection=s.prefix_projection,
                         prefix_hidden=s.prefix_hidden)
-    return VirtualSpec.from_config(cfg, a).parameters()
+    return VirtualSpec.from_shape(shape, a).parameters()
 
 
 @dataclass
@@ -177,7 +132,7 @@ class Estimate:
                 ("framework overhead", self.overhead, True)]
 
 
-def _weight_bytes(shape: Shape, s: StepSetup) -> int:
+def _weight_bytes(shape: ModelShape, s: StepSetup) -> int:
     p, db = shape.parameters(), DTYPE_BYTES[s.dtype]
     if not s.quantize_bits:
         return db * sum(p.values())
@@ -191,12 +146,12 @@ def _weight_bytes(shape: Shape, s: StepSetup) -> int:
     return int(per * p["projections"] + 4 * (p["embedding"] + p["head"] + p["other"]))
 
 
-def lora_parameters(shape: Shape, s: StepSetup) -> int:
+def lora_parameters(shape: ModelShape, s: StepSetup) -> int:
     per_layer = sum(s.rank * (i + o) for name, (i, o) in shape.linears().items() if name in s.targets)
     return per_layer * len(select_layers(shape.layers, s.layers))
 
 
-def _adapted_inputs(shape: Shape, targets: set[str], a: int, backend: str) -> int:
+def _adapted_inputs(shape: ModelShape, targets: set[str], a: int, backend: str) -> int:
     """Bytes per token of the inputs LoRA's A matrices keep for their gradient. In float32 the
     projections that share an input share the tensor (on torch, o_proj's input is the attention
     output SDPA keeps anyway); in 16 bits each adapted projection casts its input to float32
@@ -211,7 +166,7 @@ def _adapted_inputs(shape: Shape, targets: set[str], a: int, backend: str) -> in
     return sum(a * n for names, n in groups if names & targets)
 
 
-def _layer_saved(shape: Shape, s: StepSetup, targets: set[str], seq: int) -> int:
+def _layer_saved(shape: ModelShape, s: StepSetup, targets: set[str], seq: int) -> int:
     """Bytes per token one block keeps for backward (without checkpointing)."""
     d, f, H = shape.hidden, shape.intermediate, shape.heads
     q, kv = H * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -236,7 +191,7 @@ def _layer_saved(shape: Shape, s: StepSetup, targets: set[str], seq: int) -> int
 MLX_BACKWARD = {False: (4.64, 10.34, 1.86), True: (13.46, 17.78, 2.81)}
 
 
-def _backward_working(shape: Shape, s: StepSetup, seq: int, saved_block: int) -> int:
+def _backward_working(shape: ModelShape, s: StepSetup, seq: int, saved_block: int) -> int:
     """Bytes per token alive on top of the kept activations while the blocks run backward."""
     a = DTYPE_BYTES[s.dtype]
     if s.backend == "mlx":
@@ -256,7 +211,7 @@ def estimate(config: dict, setup: StepSetup, micro_batch: int, seq_len: int, acc
     """Predicted peak of one training step of ``micro_batch`` rows of ``seq_len`` tokens, every
     position a target (the worst case). ``accumulate``: gradients of earlier micro batches are
     held while this one runs (grad_accum > 1; MLX keeps them apart from the new ones)."""
-    shape = Shape.from_config(config, where)
+    shape = planner_shape(config, where)
     s = setup
     a = DTYPE_BYTES[s.dtype]
     tokens = micro_batch * seq_len

@@ -253,75 +253,26 @@ def no_fit_message(plan: Plan) -> str:
             + "raise train.memory_budget, or use a smaller or quantized model (mlxtune plan shows the breakdown)")
 
 
-# ---------------------------------------------------------------- printing
+# ---------------------------------------------------------------- the recipe as written
 
 
-def render(plan: Plan, recipe: Recipe, config_note: str, console: Any) -> None:
-    """The breakdown as a rich table and the batch plan, for `mlxtune plan`."""
-    from rich.table import Table
+@dataclass
+class AsWritten:
+    """The recipe's own micro batch (not "auto") against the budget: `mlxtune plan`'s last word."""
 
-    e = plan.estimate
-    title = (f"{recipe.model.path} on {plan.backend} ({plan.device}), {recipe.adapter.label}, "
-             f"micro batch {max(plan.micro_batch, 1)} x {plan.typical_len} tokens, checkpointing "
-             f"{'on' if plan.grad_checkpointing else 'off'}")
-    table = Table(title=title, caption=f"model config: {config_note}")
-    for col in ("part", "GiB", "counted"):
-        table.add_column(col, justify="left" if col == "part" else "right")
-    for name, value, counted in e.rows():
-        table.add_row(name, f"{value / 2**30:.2f}", "yes" if counted else "no: only the larger of loss and backward")
-    table.add_row("[bold]predicted peak", f"[bold]{e.total / 2**30:.2f}", "")
-    table.add_row("budget", f"{plan.budget / 2**30:.2f}", f"{plan.budget_note}; plans use {MARGIN:.0%} of it")
-    console.print(table)
-    if not plan.fits:
-        console.print(f"[red bold]does not fit:[/] {no_fit_message(plan)}")
-        return
-    console.print(f"[green bold]fits[/]: micro_batch = {plan.micro_batch} x grad_accum = {plan.grad_accum} "
-                  f"(effective batch {plan.effective_batch}), grad_checkpointing = {str(plan.grad_checkpointing).lower()}, "
-                  f"max_batch_tokens = {plan.max_batch_tokens} (passes over it are split), "
-                  f"longest sequence at one row per pass: {plan.longest_seq} tokens")
+    micro_batch: int
+    seq_len: int
+    grad_checkpointing: bool
+    estimate: Estimate
+    fits: bool
 
 
-# ---------------------------------------------------------------- `mlxtune plan`
-
-import click  # noqa: E402  (the command lives next to what it prints)
-
-from mlxtune.recipe.schema import SET_HELP, load_recipe  # noqa: E402
-
-
-@click.command("plan")
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--budget", help='Memory the run may use, e.g. 16GB or 10GiB (default: train.memory_budget, else the device\'s).')
-@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default=None, help="Plan for this backend (default: the recipe's).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True),
-              help="The model's config.json, when the recipe's model is not on this machine.")
-@click.option("--seq-len", type=int, default=None, help="Typical example length to choose the micro batch for (default: data.max_seq_len).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def plan_cmd(recipe: str, budget: str | None, backend: str | None, config_file: str | None, seq_len: int | None,
-             overrides: tuple[str, ...]) -> None:
-    """Predict peak memory (weights, adapter, activations, loss) and the batch plan that fits."""
-    from rich.console import Console
-
-    from backends import default_backend
-
-    r = load_recipe(recipe, list(overrides), planning=True)
-    name = backend or r.backend
-    name = default_backend() if name == "auto" else name
-    config, note = find_config(r.model.path, config_file)
-    plan = plan_recipe(r, name, budget=budget, config=config, typical_len=seq_len)
-    console = Console()
-    render(plan, r, note, console)
-    if r.train.micro_batch != "auto":
-        setup = StepSetup.from_recipe(r, name, plan.device)
-        mine = estimate(config, setup, r.train.micro_batch, r.data.max_seq_len, accumulate=r.train.grad_accum > 1)
-        verdict = "[green]fits[/]" if mine.total <= plan.budget else "[red]does not fit[/]"
-        console.print(f"as written (micro_batch = {r.train.micro_batch} x {r.data.max_seq_len} tokens, checkpointing "
-                      f"{'on' if setup.grad_checkpointing else 'off'}): predicted peak {gib(mine.total)}, {verdict}; "
-                      'train.micro_batch = "auto" with train.effective_batch lets `mlxtune run` use the plan')
-    from mlxtune.models.quantization import base_bits, mlx_label, torch_label, torch_problem
-
-    if bits := base_bits(r):
-        console.print("base quantized: " + (mlx_label(bits, r.model.quantize_group_size) if name == "mlx" else torch_label(bits)))
-    if name == "torch" and (problem := torch_problem(r)):
-        console.print(f"[red bold]cannot run on this machine:[/] {problem}")
-    if not plan.fits:
-        raise SystemExit(1)
+def as_written(recipe: Recipe, backend: str, plan: Plan, config: dict) -> AsWritten | None:
+    """The predicted peak of the recipe's micro batch at data.max_seq_len; None for ``"auto"``."""
+    t = recipe.train
+    if t.micro_batch == "auto":
+        return None
+    setup = StepSetup.from_recipe(recipe, backend, plan.device)
+    est = estimate(config, setup, t.micro_batch, recipe.data.max_seq_len, accumulate=t.grad_accum > 1)
+    return AsWritten(micro_batch=t.micro_batch, seq_len=recipe.data.max_seq_len, grad_checkpointing=setup.grad_checkpointing,
+                     estimate=est, fits=est.total <= plan.budget)

