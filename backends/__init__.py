@@ -72,6 +72,12 @@ class Backend(Protocol):
         With ``update``: clip the global grad norm (recipe's grad_clip), take one AdamW step at
         learning rate ``lr``, zero the gradients. Returns the NLL sum (not divided).
 
+        Never apply a non-finite update: when the NLL of any pass since the last update or the
+        global grad norm is NaN or infinite, discard the accumulated gradients without an
+        optimizer step (the adapter and the optimizer state stay bit-identical), still return
+        the NLL sum, and set ``last_grad_norm`` to the norm measured (which may be NaN/inf); the
+        loop then stops or skips the step (``train.on_nonfinite``). Finite steps are unchanged.
+
         On an allocation failure: discard the gradients accumulated since the last update and
         raise ``mlxtune.errors.OutOfMemory``; the loop retries the step in smaller passes. The
         loss is computed from the final hidden states of the masked positions only, with the

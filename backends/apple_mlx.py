@@ -48,6 +48,11 @@ on the GPU; on the CPU compiling gave no speed-up (matmuls dominate) and costs o
 sequence length, so it is off there. ``MLXTUNE_MLX_COMPILE=1`` or ``0`` forces either way; the
 tests check that both give the same numbers.
 
+Dropout's masks come from MLX's global random stream, seeded before every forward pass from
+(``train.seed``, optimizer steps done, pass in the accumulation window): MLX's key cannot be set
+back to a saved value, and this way ``--resume`` draws the masks the uninterrupted run drew
+(``MLXBackend._seeded``; ``tests/test_fault.py``).
+
 Differences from raw ``mlx_lm.lora`` a user comparing against it would see: mlx-lm's own
 batcher sorts chat records by the size of the record dict (so its "length sort" does nothing for
 them) and its mask trains one extra position (a pad after the last token); here the core's data
@@ -57,6 +62,7 @@ never a target. mlx-lm also uses ``scale = 20`` and Adam without bias correction
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -100,6 +106,16 @@ def _compile_default() -> bool:
     return mx.default_device().type == mx.gpu
 
 
+def dropout_seed(seed: int, step: int, window_pass: int) -> int:
+    """The seed of MLX's random stream for one forward pass (see ``MLXBackend._seeded``)."""
+    return int(np.random.SeedSequence([int(seed), int(step), int(window_pass)]).generate_state(1, np.uint64)[0])
+
+
+def _global_norm(grads: Any) -> mx.array:
+    """The global L2 norm of a gradient tree, in float32 (as ``optim.clip_grad_norm`` measures it)."""
+    return mx.sqrt(sum((g.astype(mx.float32).square().sum() for _, g in tree_flatten(grads)), mx.array(0.0)))
+
+
 def _make_adapter(model: nn.Module, recipe: Recipe, layers: list[int], config: dict[str, Any],
                   base: dict[str, str]) -> MLXAdapter:
     """The recipe's adapter method on the frozen base: the one place the backend tells methods apart."""
@@ -126,6 +142,8 @@ class MLXBackend(AdapterWeights):
         self._grads: Any = None
         self._step_fn: Any = None
         self._update_fn: Any = None
+        self._window_pass = 0  # forward passes into the current accumulation window (dropout's seed)
+        self._window_finite = True  # every loss of the current accumulation window was finite
         self.compile = _compile_default()
 
     @property
@@ -201,7 +219,7 @@ class MLXBackend(AdapterWeights):
             if grad_clip > 0:
                 grads, norm = optim.clip_grad_norm(grads, grad_clip)
             else:
-                norm = mx.sqrt(sum((g.astype(mx.float32).square().sum() for _, g in tree_flatten(grads)), mx.array(0.0)))
+                norm = _global_norm(grads)
             opt.update(model, grads)
             return norm
 
@@ -212,7 +230,25 @@ class MLXBackend(AdapterWeights):
             step = mx.compile(step, inputs=state, outputs=state)
             ustate = [model.state, opt.state]
             update = mx.compile(update, inputs=ustate, outputs=ustate)
-        self._step_fn, self._update_fn = step, update
+        self._step_fn, self._update_fn = self._seeded(step), update
+
+    def _seeded(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        """``step`` with MLX's global random stream (dropout's masks) seeded before every pass
+        from (``train.seed``, optimizer steps done, pass within the accumulation window).
+
+        A resumed run must draw the masks the uninterrupted run drew, and MLX's key cannot be
+        set back to a saved value (``mx.random.state`` is read-only; ``mx.random.seed`` takes an
+        int), so the stream is made a function of where training stands instead: the step count
+        is in the optimizer state that every checkpoint holds, and checkpoints sit at window
+        boundaries. A window restarted after an out-of-memory error starts at pass 0 again.
+        """
+        def seeded(*args: Any) -> Any:
+            self._window_pass = 0 if self._grads is None else self._window_pass + 1
+            done = int(self.optimizer.state["step"].item()) if self.optimizer is not None else 0
+            mx.random.seed(dropout_seed(self.recipe.train.seed if self.recipe else 0, done, self._window_pass))
+            return step(*args)
+
+        return seeded
 
     def train_step(self, tokens: np.ndarray, mask: np.ndarray, denom: int, update: bool, lr: float) -> float:
         model = self.model
@@ -221,6 +257,7 @@ class MLXBackend(AdapterWeights):
         if denom <= 0:
             raise ValueError("denom (target tokens in the accumulation window) must be > 0")
         model.train()
+        fresh = self._grads is None  # the first pass of an accumulation window
         try:
             nll, grads = self._step_fn(*_targets(tokens, mask), mx.array(1.0 / denom, dtype=mx.float32))
             self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
@@ -230,13 +267,25 @@ class MLXBackend(AdapterWeights):
             if is_out_of_memory(e) or isinstance(e, MemoryError):
                 raise OutOfMemory(f"mlx: {str(e).splitlines()[0] if str(e) else 'allocation failed'}") from None
             raise
+        loss = float(nll)
+        # a NaN/inf loss in any pass of the window vetoes its update
+        self._window_finite = math.isfinite(loss) and (fresh or self._window_finite)
         if update:
+            self._update(lr)
+        return loss
+
+    def _update(self, lr: float) -> None:
+        """Clip and take the AdamW step over the accumulated gradients (compiled on the GPU);
+        when the window's loss or the gradient norm is NaN/inf, drop them without a step, so the
+        adapter and the optimizer state stay as they were (``last_grad_norm`` reports the bad
+        norm). The norm is measured before the step because the compiled update cannot skip."""
+        norm = _global_norm(self._grads)
+        if self._window_finite and math.isfinite(float(norm)):
             self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
             norm = self._update_fn(self._grads)
-            mx.eval(norm, model.trainable_parameters(), self.optimizer.state)
-            self.last_grad_norm = float(norm)
-            self._grads = None
-        return float(nll)
+            mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)
+        self.last_grad_norm = float(norm)
+        self._grads = None
 
     # ---------------------------------------------------------------- eval
 

@@ -14,6 +14,7 @@ process's peak resident set size (``getrusage``), which includes Python and the 
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 from collections.abc import Callable, Sequence
@@ -128,6 +129,7 @@ class TorchBackend(AdapterWeights):
         self.optimizer: torch.optim.Optimizer | None = None
         self.recipe: Recipe | None = None
         self.last_grad_norm: float | None = None
+        self._window_finite = True  # every loss since the last update was finite
         self.quantization = "none"
         self.adapter: TorchAdapter | None = None  # the recipe's adapter (backends/torch_adapter.py)
 
@@ -185,7 +187,8 @@ class TorchBackend(AdapterWeights):
     def train_step(self, tokens: np.ndarray, mask: np.ndarray, denom: int, update: bool, lr: float) -> float:
         """See ``Backend.train_step``. An out-of-memory error discards the gradients accumulated
         since the last update and raises :class:`mlxtune.errors.OutOfMemory`, so the loop can
-        retry the whole step with smaller micro batches."""
+        retry the whole step with smaller micro batches. A non-finite loss in the window or
+        gradient norm discards them too, without an optimizer step (:meth:`_update`)."""
         self.model.train()
         tok = self._tensor(tokens).long()
         try:
@@ -200,17 +203,28 @@ class TorchBackend(AdapterWeights):
             if not is_out_of_memory(e):
                 raise
             self.optimizer.zero_grad(set_to_none=True)
+            self._window_finite = True
             raise OutOfMemory(f"torch: {str(e).splitlines()[0]}") from None
+        loss = float(loss_sum.detach())
+        self._window_finite = self._window_finite and math.isfinite(loss)
         if update:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            # the norm before clipping; max_norm=inf only measures it
-            clip = self.recipe.train.grad_clip if self.recipe.train.grad_clip > 0 else float("inf")
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            self._update(lr)
+        return loss
+
+    def _update(self, lr: float) -> None:
+        """Clip and take the AdamW step over the accumulated gradients, then zero them; when the
+        window's loss or the gradient norm is NaN/inf, zero them without a step, so the adapter
+        and the optimizer state stay as they were (``last_grad_norm`` reports the bad norm)."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # the norm before clipping; max_norm=inf only measures it
+        clip = self.recipe.train.grad_clip if self.recipe.train.grad_clip > 0 else float("inf")
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if self._window_finite and math.isfinite(self.last_grad_norm):
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return float(loss_sum.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        self._window_finite = True
 
     @torch.no_grad()
     def eval_step(self, tokens: np.ndarray, masks: dict[str, np.ndarray], adapter: bool = True) -> dict[str, float]:

@@ -1,11 +1,38 @@
-"""One file written so that a crash leaves the previous version or the new one, never a part."""
+"""One file written so that a crash leaves the previous version or the new one, never a part;
+and how to tell that a write failed because the disk is full."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+# how the libraries that write weights report a full disk: OSError (Python's own writes), or an
+# error whose text carries the OS's message (safetensors: "IoError(Os { code: 28, kind: StorageFull ...")
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_WORDS = ("no space left on device", "disk quota exceeded", "storagefull", "quotaexceeded")
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or an error it was raised from) says the disk or the quota is full."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+            return True
+        if any(w in str(error).lower() for w in _FULL_WORDS):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def tree_size(path: str | Path) -> int:
+    """Bytes of the files under ``path`` (a file: its size; missing: 0)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 @contextmanager

@@ -105,27 +105,30 @@ def write_jsonl(path, records):
     return path
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path, tiny_model_dir):
-    """Write a recipe for the tiny model + a tiny prompt/completion set; returns its path.
-    Tests vary it with --set overrides."""
-    data = write_jsonl(tmp_path / "train.jsonl", TINY_RECORDS * 4)
-
-    def write(name: str = "recipe.toml"):
-        text = f'''
-[model]
-path = "{tiny_model_dir}"
+# The model, adapter and data sections of the tiny test recipes (data in train.jsonl beside them).
+TINY_RECIPE_HEAD = '''[model]
+path = "{model}"
 
 [adapter]
 rank = 4
 alpha = 8
 
 [data]
-train = "{data.name}"
+train = "train.jsonl"
 format = "prompt_completion"
 eval_fraction = 0.25
 max_seq_len = 64
+'''
 
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir):
+    """Write a recipe for the tiny model + a tiny prompt/completion set; returns its path.
+    Tests vary it with --set overrides."""
+    write_jsonl(tmp_path / "train.jsonl", TINY_RECORDS * 4)
+
+    def write(name: str = "recipe.toml"):
+        text = TINY_RECIPE_HEAD.format(model=tiny_model_dir) + f'''
 [train]
 steps = 12
 lr = 1e-2

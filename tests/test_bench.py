@@ -16,22 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.summary import markdown, ratios, summarize  # noqa: E402
+from conftest import TINY_RECIPE_HEAD  # noqa: E402
 from bench.train_bench import bench_recipe  # noqa: E402
 
-BENCH_RECIPE = """
-[model]
-path = "{model}"
-
-[adapter]
-rank = 4
-alpha = 8
-
-[data]
-train = "train.jsonl"
-format = "prompt_completion"
-eval_fraction = 0.25
-max_seq_len = 64
-
+BENCH_RECIPE = TINY_RECIPE_HEAD + """
 [train]
 lr = 1e-2
 schedule = "{schedule}"

@@ -245,3 +245,168 @@ def test_waiting_without_pidfd_or_waitid(monkeypatch, missing):
     assert run_program("print('ok')").status == "pass"
     outcome = run_program("import time\ntime.sleep(30)", timeout=0.5)
     assert outcome.status == "timeout" and outcome.seconds < 1.5
+
+
+# ------------------------------------------------------------------ network
+
+
+def _namespace_allowed() -> bool:
+    """Whether this OS lets a process enter a new network namespace (as the sandbox's wrapper
+    asks for it: plainly as root, inside a new user namespace otherwise), probed in a fork."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    pid = os.fork()
+    if pid == 0:
+        flags = 0x40000000 | (0 if os.geteuid() == 0 else 0x10000000)  # CLONE_NEWNET (| CLONE_NEWUSER)
+        os._exit(0 if ctypes.CDLL(None, use_errno=True).unshare(flags) == 0 else 1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+@pytest.fixture
+def listener():
+    """A TCP server of the test process on all addresses, and the addresses it is reached at:
+    127.0.0.1 and, when the host has one, a non-loopback address."""
+    import socket
+
+    hosts = ["127.0.0.1"]
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # UDP: sends nothing, only picks the outgoing address
+        if not probe.getsockname()[0].startswith("127."):
+            hosts.append(probe.getsockname()[0])
+    except OSError:
+        pass  # no route off the host
+    finally:
+        probe.close()
+    server = socket.socket()
+    server.bind(("0.0.0.0", 0))
+    server.listen(16)
+    server.setblocking(False)
+    yield server, hosts
+    server.close()
+
+
+def _accepted(server) -> int:
+    """Connections that reached the listener since the last call (accepted and closed)."""
+    n = 0
+    while True:
+        try:
+            conn, _ = server.accept()
+        except BlockingIOError:
+            return n
+        conn.close()
+        n += 1
+
+
+def _connect_programs(hosts: list[str], port: int) -> tuple[str, str]:
+    """A candidate that connects with Python sockets, and one that calls libc directly (ctypes),
+    past any audit hook."""
+    python = f"import socket\nfor host in {hosts!r}:\n    socket.create_connection((host, {port}), timeout=5).close()\n"
+    raw = ("import ctypes, os, socket, struct, sys\n"
+           "libc = ctypes.CDLL(None, use_errno=True)\n"
+           f"for host in {hosts!r}:\n"
+           "    fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)\n"
+           "    head = struct.pack('BB', 16, socket.AF_INET) if sys.platform == 'darwin' else struct.pack('=H', socket.AF_INET)\n"
+           f"    addr = head + struct.pack('!H', {port}) + socket.inet_aton(host) + bytes(8)\n"
+           "    assert libc.connect(fd, addr, len(addr)) == 0, os.strerror(ctypes.get_errno())\n"
+           "    os.close(fd)\n")
+    return python, raw
+
+
+def test_candidate_cannot_reach_the_host(listener):
+    import subprocess
+
+    server, hosts = listener
+    port = server.getsockname()[1]
+    python, raw = _connect_programs(hosts, port)
+    for src in (python, raw):  # outside the sandbox both programs do reach the listener
+        subprocess.run([sys.executable, "-c", src], check=True, timeout=30)
+    assert _accepted(server) == 2 * len(hosts)
+    expected = "namespace" if _namespace_allowed() else "audit hook"
+    quiet, by_python, by_libc = run_programs(["print(sum(range(10)))", python, raw], workers=2, timeout=10)
+    assert quiet.status == "pass" and quiet.output == "45\n" and quiet.network == expected, quiet
+    assert by_python.status == "error" and by_python.network == expected, by_python
+    assert by_python.reason == f"network access refused: connect 127.0.0.1:{port}"
+    if expected == "namespace":  # the kernel stops even code that bypasses the audit hook
+        assert by_libc.status == "fail" and "Network is unreachable" in by_libc.reason, by_libc
+        assert _accepted(server) == 0
+    print(f"\nnetwork protection on this machine: {expected}; hosts tried: {hosts}")
+
+
+def test_audit_hook_guards_the_network_without_a_namespace(listener, tmp_path, monkeypatch, capfd):
+    import socket
+
+    monkeypatch.setattr(sandbox, "NET_NAMESPACE", False)  # as on macOS or in a locked-down container
+    server, hosts = listener
+    port = server.getsockname()[1]
+    outside = socket.socket(socket.AF_UNIX)
+    outside.bind(str(tmp_path / "host.sock"))
+    outside.listen(1)
+    local_unix = ("import os, socket\n"
+                  "server = socket.socket(socket.AF_UNIX)\nserver.bind('s.sock')\nserver.listen(1)\n"
+                  "client = socket.socket(socket.AF_UNIX)\nclient.connect(os.path.abspath('s.sock'))\n"
+                  "a, b = socket.socketpair()\na.sendall(b'x')\nassert b.recv(1) == b'x'\n"
+                  "assert socket.getaddrinfo('127.0.0.1', 80)\n")
+    cases = [
+        (_connect_programs(hosts, port)[0], f"network access refused: connect 127.0.0.1:{port}"),
+        (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}))\nexcept OSError:\n    pass\n",
+         f"network access refused: connect 127.0.0.1:{port}"),  # reported even when swallowed
+        ("import socket\nsocket.getaddrinfo('example.com', 80)", "network access refused: getaddrinfo 'example.com'"),
+        (f"import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {port}))",
+         f"network access refused: sendto 127.0.0.1:{port}"),
+        (f"import socket\nsocket.socket(socket.AF_UNIX).connect({str(tmp_path / 'host.sock')!r})", "network access refused: connect"),
+        ("import socket\nsocket.socket(socket.AF_UNIX).bind('\\0abstract')", "network access refused: bind"),
+    ]
+    outcomes = run_programs([local_unix] + [src for src, _ in cases], workers=2, timeout=10, progress=True)
+    assert outcomes[0].status == "pass" and outcomes[0].network == "audit hook", outcomes[0]
+    for (src, reason), o in zip(cases, outcomes[1:]):
+        assert o.status == "error" and o.reason.startswith(reason) and o.network == "audit hook", (src, o)
+    assert _accepted(server) == 0
+    outside.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        outside.accept()
+    outside.close()
+    assert sandbox.NETWORK_NOTES["audit hook"] in capfd.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
+                    reason="switches a fork to a normal user (needs root on Linux)")
+def test_network_namespace_as_a_normal_user(listener):
+    """The wrapper's path for a normal user (a user namespace around the network one), run in a
+    fork that became 'nobody': the uid is unchanged inside and the host is out of reach."""
+    import ctypes
+    import errno
+    import json
+    import socket
+
+    from mlxtune.evaluation import sandbox_child
+
+    server, hosts = listener
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: a uid change cleared it, as a user's python has it
+            result = {"guard": sandbox_child.cut_network(), "uid": os.getuid(), "errors": []}
+            for host in hosts:
+                s = socket.socket()
+                result["errors"].append(s.connect_ex((host, server.getsockname()[1])))
+                s.close()
+            os.write(write_end, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        result = json.loads(f.read() or "{}")
+    os.waitpid(pid, 0)
+    assert result.get("uid") == 65534, result
+    if result["guard"] == "namespace":
+        assert result["errors"] == [errno.ENETUNREACH] * len(hosts) and _accepted(server) == 0, result
+    else:  # refused by this OS (unprivileged user namespaces off): then nothing was cut
+        assert result["guard"] == "audit hook" and result["errors"] == [0] * len(hosts), result
+    print(f"\nnormal user: {result['guard']}")

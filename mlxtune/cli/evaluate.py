@@ -13,7 +13,7 @@ from mlxtune.cli.options import backend_option, no_progress_option, recipe_argum
 from mlxtune.errors import MlxtuneError
 from mlxtune.recipe.loading import load_recipe
 from mlxtune.recipe.schema import Recipe
-from mlxtune.runs.rundir import EVALS, RunDir, read_metrics
+from mlxtune.runs.rundir import EVALS, RunDir, locked_if_run, read_metrics
 
 if TYPE_CHECKING:
     from mlxtune.evaluation.generation import Progress
@@ -103,13 +103,14 @@ def eval_cmd(recipe: str, backend: str | None, overrides: tuple[str, ...], run_p
         raise MlxtuneError("--adapter and --checkpoints exclude each other")
     r = load_recipe(recipe, list(overrides))
     run = Path(run_path) if run_path else Path(r.output.dir) / r.run_name
-    items = targets(run, adapter, only_base, checkpoints, with_base=not no_base)
-    name, note = resolve_backend(backend or r.backend)
-    print_backend(name, note)
-    rows = evaluate_targets(r, name, items, run, progress=None if no_progress else RichProgress())
-    header, table, best = checkpoint_rows(rows, r.eval.best_metric)
-    print_table(header, table, title=f"{r.run_name}: eval split, {len(rows)} model(s)", left=["checkpoint"])
-    if best and len(rows) > 1:
-        click.echo(f"best by {r.eval.best_metric}: {best}")
-    if RunDir(run).is_run():
-        click.echo(f"appended to {run / EVALS}; report: {write_report(run)}")
+    with locked_if_run(run):  # it writes evals.jsonl, generations/ and report.md there
+        items = targets(run, adapter, only_base, checkpoints, with_base=not no_base)
+        name, note = resolve_backend(backend or r.backend)
+        print_backend(name, note)
+        rows = evaluate_targets(r, name, items, run, progress=None if no_progress else RichProgress())
+        header, table, best = checkpoint_rows(rows, r.eval.best_metric)
+        print_table(header, table, title=f"{r.run_name}: eval split, {len(rows)} model(s)", left=["checkpoint"])
+        if best and len(rows) > 1:
+            click.echo(f"best by {r.eval.best_metric}: {best}")
+        if RunDir(run).is_run():
+            click.echo(f"appended to {run / EVALS}; report: {write_report(run)}")

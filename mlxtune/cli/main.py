@@ -95,7 +95,7 @@ def data() -> None:
 
 @data.command("show")
 @recipe_argument
-@click.option("-n", "count", default=2, show_default=True, help="Examples to print.")
+@click.option("-n", "count", type=click.IntRange(min=0), default=2, show_default=True, help="Examples to print.")
 @click.option("--split", type=click.Choice(["train", "eval"]), default="train", show_default=True)
 @set_option
 def data_show(recipe: str, count: int, split: str, overrides: tuple[str, ...]) -> None:

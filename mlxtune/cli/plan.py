@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 @backend_option("Plan for this backend (default: the recipe's).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True),
               help="The model's config.json, when the recipe's model is not on this machine.")
-@click.option("--seq-len", type=int, default=None, help="Typical example length to choose the micro batch for (default: data.max_seq_len).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Typical example length to choose the micro batch for (default: data.max_seq_len).")
 @set_option
 def plan_cmd(recipe: str, budget: str | None, backend: str | None, config_file: str | None, seq_len: int | None,
              overrides: tuple[str, ...]) -> None:

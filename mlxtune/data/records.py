@@ -77,9 +77,12 @@ def load_records(source: str, cfg: DataConfig, where: str) -> list[dict[str, Any
     if suffix in (".jsonl", ".json", ".csv", ".parquet"):
         if not path.is_file():
             raise MlxtuneError(f"{where}: data file not found: {path} (relative paths are resolved against the recipe's folder)")
+        if path.stat().st_size == 0:
+            raise MlxtuneError(f"{path}: the file is empty; add records with the fields of format '{cfg.format}' "
+                               f"({', '.join(FORMAT_FIELDS[cfg.format][0])})")
         if suffix == ".jsonl":
             rows = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for i, line in enumerate(_read_text(path).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -88,7 +91,7 @@ def load_records(source: str, cfg: DataConfig, where: str) -> list[dict[str, Any
                     raise MlxtuneError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON object") from None
         elif suffix == ".json":
             try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
+                rows = json.loads(_read_text(path))
             except json.JSONDecodeError as e:
                 raise MlxtuneError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
             if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
@@ -103,22 +106,39 @@ def load_records(source: str, cfg: DataConfig, where: str) -> list[dict[str, Any
         rows = _load_with_datasets(source, {"split": cfg.split} | ({"name": cfg.subset} if cfg.subset else {}), source)
     bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
     if bad:
-        raise MlxtuneError(f"{source}: record {bad} is not a JSON object")
-    if cfg.columns:
-        rows = [_rename(r, cfg.columns) for r in rows]
+        raise MlxtuneError(f"{source}: record {bad} is not a JSON object; each record must be an object with the "
+                           f"fields of format '{cfg.format}' ({', '.join(FORMAT_FIELDS[cfg.format][0])})")
     if not rows:
-        raise MlxtuneError(f"{source}: the dataset is empty")
+        raise MlxtuneError(f"{source}: the dataset is empty; add records with the fields of format '{cfg.format}' "
+                           f"({', '.join(FORMAT_FIELDS[cfg.format][0])})")
+    if cfg.columns:
+        rows = [_rename(r, cfg.columns, source, i) for i, r in enumerate(rows, 1)]
     return rows
 
 
-def _rename(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
+    """A data file's text; bytes that are not UTF-8 are reported with their line (a BOM is fine)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MlxtuneError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8 "
+                           "(e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _rename(row: dict[str, Any], columns: dict[str, str], source: str, i: int) -> dict[str, Any]:
     """``columns`` maps the format's field name -> the dataset's column name; a dotted name reads a
-    nested field (``translation.en`` of OPUS-style rows ``{"translation": {"en": ..., "tr": ...}}``)."""
+    nested field (``translation.en`` of OPUS-style rows ``{"translation": {"en": ..., "tr": ...}}``).
+    A column the record does not have is an error naming data.columns (not a missing field)."""
     out = {k: v for k, v in row.items() if k not in {c.split(".", 1)[0] for c in columns.values()}}
     for name, column in columns.items():
         value: Any = row
         for part in column.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+            if not isinstance(value, dict) or part not in value:
+                raise MlxtuneError(f"{source}: record {i}: data.columns maps {name} -> '{column}', but the record has no "
+                                   f"column '{column}' (has: {', '.join(sorted(row)) or 'nothing'}); fix data.columns")
+            value = value[part]
         out[name] = value
     return out
 
@@ -134,9 +154,19 @@ def _load_with_datasets(name: str, kwargs: dict[str, Any], label: str) -> list[d
         raise MlxtuneError(f"{label}: dataset not found locally or on the hub ({e}); give a local .jsonl/.json/.csv/.parquet path or a hub dataset id") from None
     except ConnectionError as e:
         raise MlxtuneError(f"{label}: could not reach the dataset hub ({e}); use a local file when offline") from None
-    except ValueError as e:
-        raise MlxtuneError(f"{label}: {e}") from None
+    except Exception as e:  # datasets, pandas and pyarrow raise many types; the reader's own error is the cause
+        cause = e.__cause__ or e
+        why = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else 'no details'}"
+        if name in _FIX:
+            raise MlxtuneError(f"{label}: cannot be read as {name.upper() if name == 'csv' else 'Parquet'} ({why}); "
+                               f"{_FIX[name]}, or convert it to .jsonl") from None
+        raise MlxtuneError(f"{label}: the dataset does not load ({why}); check data.train/data.subset/data.split, "
+                           "or give a local .jsonl/.json/.csv/.parquet file") from None
     return ds.to_list()
+
+
+_FIX = {"csv": "save it as UTF-8 text with a header row naming the columns",
+        "parquet": "write it again (e.g. pandas' DataFrame.to_parquet)"}
 
 
 # ------------------------------------------------------------------ records -> messages

@@ -21,6 +21,15 @@ Each candidate program gets:
   (one per concurrent run, from 59000 up, checked unused) before the candidate runs, keeping
   only CAP_DAC_READ_SEARCH so it can still read the Python installation (e.g. under /root),
   with no_new_privs set; every process left with that uid is killed after the run.
+- no network: on Linux the wrapper moves into a new network namespace before the candidate
+  runs (as root with CAP_SYS_ADMIN; as a normal user inside a new user namespace that maps only
+  its own uid, where unprivileged user namespaces are allowed). Its only device is a loopback
+  that is down, so no connection reaches the host or beyond, whatever the code. Where the OS
+  refuses (macOS, containers without CAP_SYS_ADMIN or user namespaces) only the audit hook
+  below guards the network. ``Outcome.network`` says which: "namespace" or "audit hook".
+- in every case the audit hook refuses, and reports, socket connect/bind/send to any address
+  but a unix socket inside the working directory, and name lookups (DNS) other than of
+  numeric addresses. The outcome then says "network access refused: connect HOST:PORT".
 
 Outcome status: ``pass`` (the program ran to its end and exited 0), ``fail`` (AssertionError),
 ``timeout``, or ``error`` with the reason (the exception, "exit code N", "killed by SIGSEGV",
@@ -29,7 +38,9 @@ Outcome status: ``pass`` (the program ran to its end and exited 0), ``fail`` (As
 
 What this sandbox does NOT protect against:
 
-- network access: sockets are not blocked;
+- network access where no namespace is allowed: the audit hook is in-process only (ctypes or a
+  C extension calling libc bypasses it); with a namespace, unix sockets bound to a path
+  outside the working directory stay reachable through such a bypass (file permissions apply);
 - reading files: the candidate can read any file its user can read, and as root (with
   CAP_DAC_READ_SEARCH) any file on the machine, secrets included;
 - code that bypasses the audit hook: ctypes or any C extension calling libc directly,
@@ -75,6 +86,12 @@ UID_COUNT = 1000
 OUTPUT_KEEP = 4000  # bytes of the candidate's output kept from its start and from its end
 # The wrapper the child interpreter runs (stdlib only; -I keeps mlxtune itself off its sys.path).
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+NET_NAMESPACE = True  # False: guard the network with the audit hook only, as where the OS refuses a namespace
+NETWORK_NOTES = {
+    "namespace": "sandbox: network cut (each candidate ran in a new, empty network namespace)",
+    "audit hook": "sandbox: this system allows no network namespace; sockets were refused by an in-process "
+                  "audit hook only (code calling libc directly can bypass it)",
+}
 
 
 @dataclass
@@ -85,6 +102,7 @@ class Outcome:
     reason: str
     seconds: float
     output: str = ""
+    network: str = ""  # the network protection in force: "namespace" or "audit hook" ("" if the wrapper never started)
 
 
 # ------------------------------------------------------------------ processes and uids
@@ -249,11 +267,14 @@ _SIGNAL_HINTS = {"SIGKILL": " (memory or CPU limit?)", "SIGXCPU": " (CPU time li
 def _classify(returncode: int, timed_out: bool, timeout: float, records: list[dict[str, Any]]) -> tuple[str, str]:
     writes = [str(r["write"]) for r in records if "write" in r]
     programs = [str(r["program"]) for r in records if "program" in r]
+    network = [str(r["network"]) for r in records if "network" in r]
     refused = ""
     if writes:
         refused = f"write outside sandbox: {writes[0]}" + (f" (+{len(writes) - 1} more)" if len(writes) > 1 else "")
     elif programs:
         refused = f"refused to start another program ({programs[0]}): its writes could not be checked"
+    elif network:
+        refused = f"network access refused: {network[0]}" + (f" (+{len(network) - 1} more)" if len(network) > 1 else "")
     if timed_out:
         return "timeout", f"timed out after {timeout:g} s (wall clock)" + (f"; {refused}" if refused else "")
     if refused:
@@ -308,7 +329,7 @@ def _launch(source: str, work: str, private: str, uid: int | None, limits: dict[
         f.write(source)
     src_fd = os.open(os.path.join(private, "candidate.py"), os.O_RDONLY)
     res_fd = os.open(os.path.join(private, "result.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    config = {"uid": uid, "work": work, "src_fd": src_fd, "res_fd": res_fd, **limits}
+    config = {"uid": uid, "work": work, "src_fd": src_fd, "res_fd": res_fd, "netns": NET_NAMESPACE, **limits}
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work,
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     try:
@@ -348,13 +369,15 @@ def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, ma
         if setup:
             raise MlxtuneError(f"sandbox: {setup}")
         status, reason = _classify(proc.returncode, timed_out, timeout, records)
-        return Outcome(status, reason, round(seconds, 4), _read_output(os.path.join(private, "output")))
+        network = next((str(r["net_guard"]) for r in records if "net_guard" in r), "")
+        return Outcome(status, reason, round(seconds, 4), _read_output(os.path.join(private, "output")), network)
 
 
 def run_programs(sources: list[str], *, workers: int = 2, progress: bool = False, **limits: Any) -> list[Outcome]:
     """Run many programs, ``workers`` at a time, each in its own sandbox; results in input order.
 
-    ``limits`` are run_program's keyword arguments (timeout, memory_mb, max_processes, max_file_mb)."""
+    ``limits`` are run_program's keyword arguments (timeout, memory_mb, max_processes, max_file_mb).
+    With ``progress``, a last line says which network protection was in force."""
     if workers < 1:
         raise ValueError("run_programs: workers must be >= 1")
     results: list[Outcome | None] = [None] * len(sources)
@@ -372,6 +395,8 @@ def run_programs(sources: list[str], *, workers: int = 2, progress: bool = False
         pool.shutdown(wait=True, cancel_futures=True)
         if progress and sources:
             print(file=sys.stderr)
+            for guard in sorted({r.network for r in results if r is not None and r.network in NETWORK_NOTES}):
+                print(NETWORK_NOTES[guard], file=sys.stderr)
     return [r for r in results if r is not None]
 
 

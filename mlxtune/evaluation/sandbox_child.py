@@ -1,11 +1,12 @@
 """The wrapper that runs ONE candidate program inside the sandbox (see mlxtune/evaluation/sandbox.py).
 
 Started by the parent as ``python -I -B sandbox_child.py CONFIG_JSON`` in the candidate's
-working directory. It reads the candidate from an inherited file descriptor, drops root
-privileges (to a private uid, so that RLIMIT_NPROC applies), sets the resource limits, installs
-the audit hook that refuses writes outside the working directory, runs the candidate, and
-writes JSON lines to an inherited result descriptor: ``{"write": path}`` / ``{"program": ...}``
-for refused actions, ``{"exc": name, "msg": ..., "line": n}`` for an exception, and
+working directory. It reads the candidate from an inherited file descriptor, cuts the network
+(a new network namespace where the OS allows it), drops root privileges (to a private uid, so
+that RLIMIT_NPROC applies), sets the resource limits, installs the audit hook that refuses
+writes outside the working directory and network use, runs the candidate, and writes JSON lines
+to an inherited result descriptor: ``{"net_guard": "namespace" | "audit hook"}`` first, then
+``{"write": path}`` / ``{"program": ...}`` / ``{"network": ...}`` for refused actions, ``{"exc": name, "msg": ..., "line": n}`` for an exception, and
 ``{"done": true}`` when the program ran to its end. Standard library only; nothing here is
 imported by mlxtune itself.
 """
@@ -14,6 +15,7 @@ import builtins
 import json
 import os
 import resource
+import socket
 import sys
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
@@ -31,6 +33,10 @@ PATH_EVENTS = {
 }
 # Programs started from the candidate would run without the audit hook.
 PROGRAM_EVENTS = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "pty.spawn", "os.startfile"}
+# Socket events that reach outside the process: an address to connect/bind/send to, a name lookup.
+ADDRESS_EVENTS = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"}
+LOOKUP_EVENTS = {"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"}
+CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
 
 
 class Reporter:
@@ -71,6 +77,69 @@ def drop_root(uid: int, report: Reporter) -> None:
                 "this system does not let the sandbox keep CAP_DAC_READ_SEARCH; run as a normal user, or install "
                 "Python where other users can read it"})
         os._exit(70)
+
+
+def cut_network() -> str:
+    """Move this process into a new network namespace: its only device is a loopback that is
+    down, so nothing (ctypes and C extensions included) reaches the host or beyond. Root needs
+    CAP_SYS_ADMIN; a normal user needs unprivileged user namespaces (a new one that maps only
+    its own uid and gid, so file access and RLIMIT_NPROC are unchanged). Returns the protection
+    in force: "namespace", or "audit hook" where the OS refuses (macOS, locked-down containers)."""
+    if not sys.platform.startswith("linux"):
+        return "audit hook"
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.geteuid(), os.getegid()
+    if uid == 0:  # a user namespace would leave the private uid that drop_root switches to unmapped
+        return "namespace" if libc.unshare(CLONE_NEWNET) == 0 else "audit hook"
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:  # atomic: on failure neither was created
+        return "audit hook"
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        try:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        except OSError:
+            break  # unmapped ids only show as "nobody" inside; the network is cut all the same
+    return "namespace"
+
+
+def numeric_host(host: object) -> bool:
+    """True for None or an IP address literal: looking it up asks no name server."""
+    if host is None:
+        return True
+    try:
+        host = os.fsdecode(host)
+    except TypeError:
+        return False
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def network_use(event: str, args: tuple, work: str) -> "str | None":
+    """What a socket event would reach, or None when it stays inside the sandbox: a unix socket
+    path in the working directory, a lookup of a numeric address, a send on a connected socket."""
+    what = event[len("socket."):]
+    if event in LOOKUP_EVENTS:
+        if event in ("socket.getaddrinfo", "socket.gethostbyname") and numeric_host(args[0]):
+            return None
+        return f"{what} {args[0]!r}"
+    if event not in ADDRESS_EVENTS:
+        return None  # creating a socket, socketpair, gethostname ...
+    address = args[1] if len(args) > 1 else None
+    if address is None and event == "socket.sendmsg":
+        return None
+    if isinstance(address, (str, bytes)) and address and address[:1] not in ("\0", b"\0"):
+        if outside(address, None, work) is None:
+            return None
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{what} {address[0]}:{address[1]}"
+    return f"{what} {address!r}"
 
 
 def set_limits(config: dict) -> None:
@@ -127,6 +196,16 @@ def make_hook(work: str, report: Reporter):
         elif event in PROGRAM_EVENTS:
             report({"program": f"{event} {args[0]!r}"[:300]})
             raise PermissionError(f"mlxtune sandbox: code under test may not start other programs ({event})")
+        elif event.startswith("socket."):
+            busy[0] = True
+            try:
+                used = network_use(event, args, work)
+            finally:
+                busy[0] = False
+            if used:
+                report({"network": used[:300]})
+                raise PermissionError(13, f"mlxtune sandbox: network access is refused ({used[:100]})")
+            return
         else:
             return
         busy[0] = True
@@ -178,6 +257,8 @@ def main(config: dict) -> None:
     report = Reporter(config["res_fd"])
     with open(config["src_fd"], encoding="utf-8") as f:
         source = f.read()
+    # before dropping root, which needs CAP_SYS_ADMIN for it; the hook below also refuses sockets
+    report({"net_guard": cut_network() if config["netns"] else "audit hook"})
     if config["uid"] is not None:
         drop_root(config["uid"], report)
     set_limits(config)

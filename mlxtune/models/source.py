@@ -60,12 +60,68 @@ def read_config(model_dir: Path) -> dict:
     """config.json as a dict, with the keys mlx-lm reads filled from transformers 5's `rope_parameters`."""
     path = Path(model_dir) / "config.json"
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise MlxtuneError(f"{path} is missing: a model folder needs a config.json") from None
+    except UnicodeDecodeError as e:
+        raise MlxtuneError(f"{path} is not UTF-8 text (byte {e.start}): re-download or re-convert the model") from None
     except json.JSONDecodeError as e:
         raise MlxtuneError(f"{path} is not valid JSON ({e}): re-download or re-convert the model") from None
+    if not isinstance(config, dict):
+        raise MlxtuneError(f"{path} holds a JSON {type(config).__name__}, not a JSON object: re-download or re-convert the model")
     return _with_rope_theta(config)
+
+
+def model_config(model_dir: Path) -> dict:
+    """:func:`read_config` of a folder that is about to be loaded: the sizes the adapters are
+    placed by must be there."""
+    config = read_config(model_dir)
+    layers = config.get("num_hidden_layers")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise MlxtuneError(f"{Path(model_dir) / 'config.json'}: num_hidden_layers = {json.dumps(layers)} is not a positive "
+                           "integer (a decoder's config.json names its number of blocks): re-download or re-convert the model")
+    return config
+
+
+def check_weights(model_dir: Path) -> None:
+    """Refuse a folder whose weights cannot load, before a framework reads them: no weights, a
+    shard the index names but the folder lacks, or a *.safetensors file whose header is not valid
+    or whose tensors reach past its end (a cut download)."""
+    model_dir = Path(model_dir)
+    fix = "re-download or re-convert the model"
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted(model_dir.glob("*.safetensors"))
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MlxtuneError(f"{index} is not a valid safetensors index ({type(e).__name__}): {fix}") from None
+        missing = [f for f in shards if not (model_dir / f).is_file()]
+        if missing:
+            raise MlxtuneError(f"{model_dir}: weight shard(s) {', '.join(missing)} named by {index.name} are missing: {fix}")
+    if not files and not any(model_dir.glob("pytorch_model*.bin")):
+        raise MlxtuneError(f"model folder {model_dir} has no weights (no *.safetensors file): {fix}, "
+                           "or give the folder that holds config.json and the *.safetensors weights")
+    for f in files:
+        _check_safetensors(f, fix)
+
+
+def _check_safetensors(path: Path, fix: str) -> None:
+    """The format: an 8-byte little-endian header size, a JSON header of name -> {dtype, shape,
+    data_offsets}, then the data, which the offsets must cover up to the file's end."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise MlxtuneError(f"{path} is not a valid safetensors file ({size} bytes, header cut or corrupt): {fix}")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise MlxtuneError(f"{path} is not a valid safetensors file (its header is corrupt): {fix}") from None
+    if 8 + n + end > size:
+        raise MlxtuneError(f"{path} is truncated ({size} bytes, its header needs {8 + n + end}): {fix}")
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
@@ -75,7 +131,12 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
     except ImportError:
         raise MlxtuneError("loading a tokenizer needs transformers: pip install 'transformers>=5'") from None
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except Exception as e:  # tokenizers, transformers and json raise many types for a missing or broken file
+        raise MlxtuneError(f"{model_dir}: the tokenizer does not load ({type(e).__name__}: {_first_line(e)}); the folder "
+                           "needs the model's tokenizer files (tokenizer.json, tokenizer_config.json) and a valid config.json: "
+                           "re-download or re-convert the model") from None
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -105,6 +166,7 @@ def _check_folder(path: Path, spec: str) -> Path:
     if not (path / "config.json").is_file():
         raise MlxtuneError(f"model folder {path} has no config.json: give a Hugging Face-format model folder "
                            "(config.json, *.safetensors, tokenizer files)")
+    read_config(path)  # readable JSON object, or an error naming it
     return path.resolve()
 
 

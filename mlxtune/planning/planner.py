@@ -73,7 +73,8 @@ def _read(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise MlxtuneError(f"{path}: cannot read the model config ({e})") from None
+        raise MlxtuneError(f"{path}: cannot read the model config ({e}); give the model's config.json (valid JSON) "
+                           "with --config, or a model folder that holds one") from None
 
 
 # ---------------------------------------------------------------- budget and device

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -71,30 +72,51 @@ def _check(value: Any, tp: Any) -> tuple[bool, Any]:
     raise TypeError(f"unsupported annotation {tp!r}")
 
 
-def _build_section(cls: type, table: dict[str, Any], where: str, prefix: str) -> Any:
+def _field_errors(cls: type, table: dict[str, Any], prefix: str) -> tuple[dict[str, Any], list[str]]:
+    """The typed keyword arguments of section ``cls``, and every unknown key, wrong type,
+    non-finite number and missing required key (all of them, not only the first)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs = {}
+    kwargs, errors = {}, []
     for key, value in table.items():
         if key not in fields:
-            raise MlxtuneError(
-                f"{where}: unknown key '{prefix}{key}'; allowed keys: {', '.join(sorted(fields))}"
-            )
+            errors.append(f"unknown key '{prefix}{key}'; allowed keys: {', '.join(sorted(fields))}")
+            continue
         if dataclasses.is_dataclass(hints[key]):
-            raise MlxtuneError(f"{where}: '{prefix}{key}' must be a [{key}] table, not a value")
+            errors.append(f"'{prefix}{key}' must be a [{key}] table, not a value")
+            continue
         ok, value = _check(value, hints[key])
         if not ok:
-            raise MlxtuneError(
-                f"{where}: '{prefix}{key}' = {value!r} is not {_type_name(hints[key])}"
-            )
-        kwargs[key] = value
+            errors.append(f"'{prefix}{key}' = {value!r} is not {_type_name(hints[key])}")
+        elif bad := _non_finite(value):
+            errors.append(f"'{prefix}{key}' = {bad} is not a finite number; give a number such as {_default(fields[key])!r}")
+        else:
+            kwargs[key] = value
     for name, f in fields.items():
-        if f.metadata.get("required") and name not in kwargs:
-            raise MlxtuneError(f"{where}: missing required key '{prefix}{name}' ({f.metadata['doc']})")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise MlxtuneError(f"{where}: {e}") from None
+        if f.metadata.get("required") and name not in table:
+            errors.append(f"missing required key '{prefix}{name}' ({f.metadata['doc']})")
+    return kwargs, errors
+
+
+def _non_finite(value: Any) -> str | None:
+    """'nan' / 'inf' when a number (or a number in a list) is not finite: TOML reads `nan` and
+    `inf`, and no recipe number means anything when it is one of them."""
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            return repr(v)
+    return None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def _raise(where: str, errors: list[str]) -> None:
+    """One line for every problem found (numbered when there are several)."""
+    if len(errors) == 1:
+        raise MlxtuneError(f"{where}: {errors[0]}")
+    if errors:
+        raise MlxtuneError(f"{where}: {len(errors)} problems: " + " ".join(f"({i}) {e}" for i, e in enumerate(errors, 1)))
 
 
 def _check_method_keys(adapter: AdapterConfig, table: dict[str, Any], where: str) -> None:
@@ -106,9 +128,7 @@ def _check_method_keys(adapter: AdapterConfig, table: dict[str, Any], where: str
     bad = []
     for key in foreign:
         if key in table:
-            f = defaults[key]
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
-            if getattr(adapter, key) != default:
+            if getattr(adapter, key) != _default(defaults[key]):
                 bad.append(key)
     if bad:
         raise MlxtuneError(
@@ -122,25 +142,28 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "<recipe>", source: Path 
     """The typed recipe. ``planning`` accepts what only `mlxtune plan` can use yet (methods and
     quantization that training does not support)."""
     top = {k: v for k, v in raw.items() if k not in SECTIONS}
+    errors: list[str] = []
+    for key in top:
+        if key not in ("backend",):
+            errors.append(f"unknown key '{key}'; allowed top-level keys: backend, " + ", ".join(f"[{s}]" for s in SECTIONS))
+    hints = typing.get_type_hints(Recipe)
+    if "backend" in top and not _check(top["backend"], hints["backend"])[0]:
+        errors.append(f"'backend' = {top['backend']!r} is not {_type_name(hints['backend'])}")
     sections = {}
     for name, cls in SECTIONS.items():
         table = raw.get(name, {})
         if not isinstance(table, dict):
-            raise MlxtuneError(f"{where}: '{name}' must be a [{name}] table")
-        sections[name] = _build_section(cls, table, where, f"{name}.")
+            errors.append(f"'{name}' must be a [{name}] table")
+            continue
+        kwargs, found = _field_errors(cls, table, f"{name}.")
+        errors += found
+        if not found:  # the section's own checks (ranges, combinations) once its types are right
+            try:
+                sections[name] = cls(**kwargs)
+            except ValueError as e:
+                errors.append(str(e))
+    _raise(where, errors)
     _check_method_keys(sections["adapter"], raw.get("adapter", {}), where)
-    top_cls_fields = {"backend"}
-    for key in top:
-        if key not in top_cls_fields:
-            raise MlxtuneError(
-                f"{where}: unknown key '{key}'; allowed top-level keys: backend, "
-                + ", ".join(f"[{s}]" for s in SECTIONS)
-            )
-    hints = typing.get_type_hints(Recipe)
-    for key, value in top.items():
-        ok, _ = _check(value, hints[key])
-        if not ok:
-            raise MlxtuneError(f"{where}: '{key}' = {value!r} is not {_type_name(hints[key])}")
     try:
         recipe = Recipe(**top, **sections, source=source)
         if not planning:
@@ -181,8 +204,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, planning: 
     path = Path(path)
     if not path.is_file():
         raise MlxtuneError(f"recipe file not found: {path} (give the path to a .toml recipe, e.g. recipes/quickstart.toml)")
+    data = path.read_bytes()
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8-sig")  # a BOM (some Windows editors write one) is not an error
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MlxtuneError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                           "save the recipe as UTF-8") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise MlxtuneError(f"{path}: TOML syntax error: {e}") from None
     raw = apply_overrides(raw, overrides or [])

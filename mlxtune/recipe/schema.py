@@ -66,6 +66,8 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError("adapter.rank must be >= 1")
+        if self.alpha <= 0:
+            raise ValueError("adapter.alpha must be > 0 (the update is scaled by alpha / rank; 0 trains nothing)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("adapter.dropout must be in [0, 1)")
         if not self.target_modules:
@@ -147,6 +149,8 @@ class DataConfig:
             raise ValueError("data.eval_fraction must be in (0, 1) when data.eval is empty")
         if self.max_seq_len < 8:
             raise ValueError("data.max_seq_len must be >= 8")
+        if self.split_seed < 0:
+            raise ValueError("data.split_seed must be >= 0")
         if self.max_examples < 0 or self.max_eval_examples < 0:
             raise ValueError("data.max_examples and data.max_eval_examples must be >= 0 (0 = all)")
         if self.cefr_level and self.cefr_level.strip().upper() not in ("A1", "A2", "B1", "B2", "C1", "C2"):
@@ -183,6 +187,7 @@ class TrainConfig:
     save_every: int = _documented(0, "Write a resumable checkpoint every N steps (0: only the final adapter).")
     keep_checkpoints: int = _documented(3, "Keep the newest N checkpoints (best/ is kept apart); 0 = keep all (to score every one with `mlxtune eval --checkpoints all`).")
     log_every: int = _documented(1, "Write the train loss to metrics.jsonl every N steps.")
+    on_nonfinite: Literal["stop", "skip"] = _documented("stop", "A step whose loss or gradient norm is NaN or infinite never updates the adapter (nor the optimizer state). `stop`: the run ends with a message naming the step and the last good checkpoint; `skip`: a `nonfinite` event goes to metrics.jsonl and training goes on with the next step.")
 
     def __post_init__(self) -> None:
         if self.epochs and self.steps:
@@ -197,6 +202,10 @@ class TrainConfig:
             raise ValueError("train.warmup_ratio must be in [0, 1)")
         if self.lr <= 0:
             raise ValueError("train.lr must be > 0")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.seed < 0:
+            raise ValueError("train.warmup_steps, train.weight_decay and train.seed must be >= 0")
+        if self.eps <= 0:
+            raise ValueError("train.eps must be > 0 (AdamW divides by it)")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError("train.betas must be two numbers in [0, 1)")
         if self.keep_checkpoints < 0:
@@ -243,6 +252,10 @@ class EvalConfig:
         bad = [m for m in self.metrics if m not in GEN_METRICS]
         if bad:
             raise ValueError(f"eval.metrics: unknown {', '.join(map(repr, bad))}; choose from " + ", ".join(GEN_METRICS))
+        if self.sandbox_timeout <= 0 or self.sandbox_memory_mb < 1:
+            raise ValueError("eval.sandbox_timeout must be > 0 and eval.sandbox_memory_mb >= 1")
+        if self.generate_examples < 0 or self.seed < 0:
+            raise ValueError("eval.generate_examples and eval.seed must be >= 0")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError("eval.temperature must be >= 0 and eval.top_p in (0, 1]")
         if self.samples > 1 and self.temperature == 0:

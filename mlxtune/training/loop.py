@@ -101,8 +101,14 @@ def _graceful_sigint() -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+def adapter_bytes(backend: Backend) -> int:
+    """Bytes of the adapter's weights (the disk-full message's estimate of what a save needs)."""
+    return sum(int(w.nbytes) for w in backend.get_adapter_weights().values())
+
+
 def save_checkpoint(backend: Backend, run: RunDir, state: TrainState, keep: int) -> None:
-    with run.checkpoint_dir(state.step, state.to_dict()) as tmp:
+    # the adapter and AdamW's two moments per weight
+    with run.checkpoint_dir(state.step, state.to_dict(), need=lambda: 3 * adapter_bytes(backend)) as tmp:
         backend.save_adapter(tmp / "adapter")
         backend.save_optimizer(tmp / "optimizer.safetensors")
     run.prune_checkpoints(keep)
@@ -186,10 +192,12 @@ class _Training:
         dt = time.perf_counter() - t0
         self.trained_tokens += denom
         loss = loss_sum / max(denom, 1)
-        if not math.isfinite(loss):
-            raise MlxtuneError(f"train loss became {loss} at step {step + 1}; lower train.lr or check the data (mlxtune data show)")
+        norm = self.backend.last_grad_norm
+        finite = math.isfinite(loss) and (norm is None or math.isfinite(norm))
+        if not finite:
+            self.nonfinite(step + 1, loss, norm)
         state.step = step + 1
-        if state.step % cfg.log_every == 0 or state.step == self.total:
+        if finite and (state.step % cfg.log_every == 0 or state.step == self.total):
             real_tokens = sum(int(b.full_mask.sum()) + len(b.tokens) for b in micro)  # + the first token of each row
             self.run.log({
                 "event": "train", "step": state.step, "epoch": micro[-1].epoch, "loss": loss, "tokens": denom,
@@ -202,6 +210,21 @@ class _Training:
             save_checkpoint(self.backend, self.run, state, cfg.keep_checkpoints)
         self.ui.step(state.step, loss, denom / dt, self.last_eval["loss"] if self.last_eval else None)
 
+    def nonfinite(self, step: int, loss: float, norm: float | None) -> None:
+        """Step ``step`` had a NaN/inf loss or gradient norm, so the backend left the adapter as it
+        was: log it, then go on (``train.on_nonfinite = "skip"``) or stop naming the last good
+        checkpoint."""
+        what = ", ".join(f"{k} {v}" for k, v in (("loss", loss), ("gradient norm", norm)) if v is not None and not math.isfinite(v))
+        self.run.log({"event": "nonfinite", "step": step, "loss": _json_number(loss), "grad_norm": _json_number(norm),
+                      "action": self.cfg.on_nonfinite, "time": time.time()})
+        if self.cfg.on_nonfinite == "skip":
+            return
+        ckpts = self.run.checkpoints()
+        last = f"the last good checkpoint is {ckpts[-1][1]}" if ckpts else "no checkpoint was written yet (train.save_every)"
+        raise MlxtuneError(f"train.on_nonfinite = \"stop\": step {step} gave a non-finite {what}, so the adapter was not updated; "
+                           f"{last}; lower train.lr or check the data (mlxtune data show), then --resume or run again, "
+                           "or set train.on_nonfinite = \"skip\" to skip such steps")
+
     def run_eval(self, step: int) -> dict[str, Any]:
         """The adapter's eval at ``step``; a new best goes to best/."""
         ev = self.score_fn(True, step)
@@ -210,7 +233,8 @@ class _Training:
         value = metric_value(ev, name)
         if value is not None and is_better(name, value, self.state.best):
             self.state.best, self.state.best_step = value, step
-            with self.run.best_dir({"step": step, "metric": name, "value": value, **ev}) as tmp:
+            with self.run.best_dir({"step": step, "metric": name, "value": value, **ev},
+                                   need=lambda: adapter_bytes(self.backend)) as tmp:
                 self.backend.save_adapter(tmp / "adapter")
         return ev
 
@@ -223,7 +247,7 @@ class _Training:
 
     def finish(self) -> dict[str, Any]:
         """Save the final adapter, log the end event; returns the summary."""
-        with self.run.final_dir() as tmp:
+        with self.run.final_dir(need=lambda: adapter_bytes(self.backend)) as tmp:
             self.backend.save_adapter(tmp)
         elapsed = time.perf_counter() - self.started
         summary = {
@@ -233,6 +257,11 @@ class _Training:
         }
         self.run.log({"event": "end", "step": self.total, **{k: v for k, v in summary.items() if k not in ("base", "final")}})
         return summary
+
+
+def _json_number(x: float | None) -> float | str | None:
+    """NaN and inf as strings: metrics.jsonl stays strict JSON."""
+    return x if x is None or math.isfinite(x) else str(x)
 
 
 def train(backend: Backend, train_examples: list[Example], eval_set: list[Batch], cfg: TrainConfig,

@@ -15,10 +15,11 @@ import numpy as np
 from mlxtune.adapters.lora import init_lora, select_layers
 from mlxtune.data.batching import eval_batches
 from mlxtune.data.records import Dataset, build_dataset
+from mlxtune.errors import MlxtuneError
 from mlxtune.models.source import pad_id
 from mlxtune.recipe.schema import Recipe
 from mlxtune.runs.report import write_report
-from mlxtune.runs.rundir import RunDir, split_events
+from mlxtune.runs.rundir import RunDir, run_lock, split_events
 from mlxtune.training import loop
 from mlxtune.training.backend_choice import backend_message, resolve_backend
 from mlxtune.training.ui import SilentUI, TrainUI
@@ -26,9 +27,10 @@ from mlxtune.training.ui import SilentUI, TrainUI
 
 def prepare(recipe: Recipe) -> tuple[Path, Any, Dataset]:
     """Model folder, tokenizer and tokenized data: everything before a framework is needed."""
-    from mlxtune.models.source import load_tokenizer, resolve_model
+    from mlxtune.models.source import load_tokenizer, model_config, resolve_model
 
     model_dir = resolve_model(recipe.model.path, recipe.model.revision, recipe.model.trust_remote_code)
+    model_config(model_dir)  # before the tokenizer, whose loader also reads config.json
     tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
     data = build_dataset(recipe, tokenizer)
     return model_dir, tokenizer, data
@@ -62,10 +64,11 @@ def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe):
     """The backend with the recipe's adapter in place, initialised from the core's weights."""
     from backends import load_backend
 
-    from mlxtune.models.source import read_config
+    from mlxtune.models.source import check_weights, model_config, read_config
 
+    layers = select_layers(model_config(model_dir)["num_hidden_layers"], recipe.adapter.layers)
+    check_weights(model_dir)
     backend = load_backend(name)
-    layers = select_layers(int(read_config(model_dir)["num_hidden_layers"]), recipe.adapter.layers)
     backend.load(model_dir, recipe, layers)
     if recipe.adapter.method in ("prompt", "prefix"):  # virtual tokens: shapes from config.json (mlxtune/adapters/virtual.py)
         from mlxtune.adapters.virtual import initial_weights
@@ -79,7 +82,15 @@ def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe):
 def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False, resume: bool = False,
         ui: TrainUI | None = None) -> tuple[RunDir, dict[str, Any]]:
     """Train the recipe into its run directory; returns it and the loop's summary (the command
-    prints the summary: ``mlxtune.cli.ui.print_summary``). Notes go to ``ui`` (default: none)."""
+    prints the summary: ``mlxtune.cli.ui.print_summary``). Notes go to ``ui`` (default: none).
+    The run directory's lock is held throughout: a second run, resume or eval of it meanwhile is
+    refused."""
+    with run_lock(Path(recipe.output.dir) / recipe.run_name):
+        return _run_locked(recipe, backend_name, overwrite, resume, ui)
+
+
+def _run_locked(recipe: Recipe, backend_name: str | None, overwrite: bool, resume: bool,
+                ui: TrainUI | None) -> tuple[RunDir, dict[str, Any]]:
     ui = ui or SilentUI()
     name, note = resolve_backend(backend_name or recipe.backend)
     if note:
@@ -92,6 +103,7 @@ def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False
                f"{stats['train']['tokens']:,} train tokens, length {stats['train']['min_len']}-{stats['train']['max_len']}"
                + (f", {stats['train']['overlong'] + stats['eval']['overlong']} over max_seq_len ({recipe.data.overlong})" if stats['train']['overlong'] + stats['eval']['overlong'] else ""))
     recipe = plan_batches(recipe, name, model_dir, data, ui)
+    check_steps(len(data.train), recipe)
     backend = load_backend_with_adapter(name, model_dir, recipe)
     backend.setup_optimizer(recipe)
     run_dir = RunDir.create(target, overwrite=overwrite, resume=resume)
@@ -109,6 +121,22 @@ def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False
         summary["base"] = split_events(run_dir.events())[1]
     write_report(run_dir.path)
     return run_dir, summary
+
+
+def check_steps(n_train: int, recipe: Recipe) -> None:
+    """Refuse a run by epochs that sees fewer examples than one optimizer step takes (the loop
+    would still make one step, on fewer examples than asked): the epochs are too few, or the data
+    is smaller than micro_batch x grad_accum. Runs by steps cycle through the data and always train."""
+    cfg = recipe.train
+    if cfg.steps:
+        return
+    per_step = int(cfg.micro_batch) * cfg.grad_accum
+    if cfg.epochs * n_train < per_step:
+        raise MlxtuneError(
+            f"train.epochs = {cfg.epochs:g} over {n_train} train examples is {cfg.epochs * n_train:.3g} examples, less than one "
+            f"optimizer step of train.micro_batch {cfg.micro_batch} x train.grad_accum {cfg.grad_accum} = {per_step}: the run "
+            f"would train zero steps; raise train.epochs to at least {per_step / max(n_train, 1):.3g}, lower micro_batch or "
+            "grad_accum, set train.steps, or add data")
 
 
 def make_score_fn(backend: Any, tokenizer: Any, eval_set: list, data: Dataset, recipe: Recipe, run_dir: RunDir,
