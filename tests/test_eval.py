@@ -154,6 +154,8 @@ def test_pass_at_k_scoring_through_the_sandbox(tiny_recipe):
     assert res["pass@2"] == pytest.approx((1.0 + 1.0 + 0.0) / 3)
     assert [o["status"] for o in rows[1]["outcomes"]] == ["pass", "fail"]
     assert rows[2]["outcomes"][0]["status"] == "fail"
+    nets = {o["network"] for r in rows for o in r["outcomes"]}  # generations/ say which protection was in force
+    assert len(nets) == 1 and nets <= {"namespace", "audit hook"}
 
 
 def test_eval_checkpoints_all_for_a_code_recipe(tiny_model_dir, tmp_path):

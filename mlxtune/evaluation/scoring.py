@@ -106,7 +106,8 @@ def score_outputs(records: list[dict[str, Any]], outputs: list[list[str]], recip
         counts = []
         for i, row in enumerate(rows):
             mine = outcomes[i * cfg.samples:(i + 1) * cfg.samples]
-            row["outcomes"] = [{"status": o.status, "reason": o.reason} for o in mine]
+            # network: which protection the sandbox had in force ("namespace" or "audit hook")
+            row["outcomes"] = [{"status": o.status, "reason": o.reason, "network": o.network} for o in mine]
             counts.append((len(mine), sum(o.status == "pass" for o in mine)))
         for k in cfg.pass_k:
             result[f"pass@{k}"] = mean_pass_at_k(counts, k)
