@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mlxtune.adapters.lora import MAGNITUDE, check_weight_keys, load_lora_folder
+from mlxtune.adapters.lora import MAGNITUDE, PEFT_DIR, LoraSpec, check_weight_keys, load_lora_folder, write_peft
 from mlxtune.errors import MlxtuneError
 
 if TYPE_CHECKING:
@@ -220,7 +220,8 @@ class LoraAdapter:
 
     def save(self, path: Path) -> None:
         """mlx-lm's ``adapters.safetensors`` (``lora_a`` (in, r), ``lora_b`` (r, out), DoRA's ``m``)
-        and ``adapter_config.json``: loadable by ``mlx_lm``'s own loader."""
+        and ``adapter_config.json``: loadable by ``mlx_lm``'s own loader; and PEFT's format in
+        ``path/peft`` (:func:`mlxtune.adapters.lora.write_peft`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -231,6 +232,9 @@ class LoraAdapter:
                 tensors[f"{p}.m"] = m.m  # mlx-lm's name for DoRA's magnitude
         mx.save_safetensors(str(path / "adapters.safetensors"), tensors, metadata={"format": "mlx"})
         (path / "adapter_config.json").write_text(json.dumps(self._config(), indent=2) + "\n", encoding="utf-8")
+        a = self.adapter
+        write_peft(path / PEFT_DIR, self.get_weights(), LoraSpec(a.rank, a.alpha, a.dropout, self.dora, list(a.target_modules),
+                                                                 len(self.model.model.layers), self.base["base_model"]))
 
     def load(self, path: Path) -> None:
         """An adapter folder in mlx-lm's format (``adapters.safetensors``, as written by :meth:`save`

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlxtune.adapters.lora import MAGNITUDE, check_weight_keys, load_lora_folder
+from mlxtune.adapters.lora import MAGNITUDE, MLX_DIR, LoraSpec, check_weight_keys, load_lora_folder, write_mlx_lm_or_say_why
 
 from .torch_adapter import Decode, cached_decode, real_tokens
 
@@ -86,8 +86,13 @@ class LoraTorch:
 
     # -- files ----------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        """PEFT format: adapter_model.safetensors + adapter_config.json."""
+        """PEFT format: adapter_model.safetensors + adapter_config.json; and mlx-lm's in ``path/mlx``
+        (or ``path/mlx/WHY_NOT.txt``: :func:`mlxtune.adapters.lora.write_mlx_lm_or_say_why`)."""
         self.model.save_pretrained(str(path), safe_serialization=True)
+        a, cfg = self.section, self.model.config
+        spec = LoraSpec(a.rank, a.alpha, a.dropout, self.dora, list(a.target_modules), cfg.num_hidden_layers,
+                        str(self.model.peft_config["default"].base_model_name_or_path or ""), {"model_type": cfg.model_type})
+        write_mlx_lm_or_say_why(Path(path) / MLX_DIR, self.get_weights(), spec)
 
     def load(self, path: Path) -> None:
         """An adapter folder in PEFT's format (as :meth:`save` writes it) or in mlx-lm's

@@ -148,6 +148,21 @@ name = "tiny"
     return write
 
 
+def crash_train_step(monkeypatch, cls, after):
+    """Make ``cls.train_step`` raise RuntimeError("simulated crash") after ``after`` calls (a crash in
+    the middle of a run); returns the original method."""
+    calls, original = [0], cls.train_step
+
+    def crashing(self, *a, **k):
+        calls[0] += 1
+        if calls[0] > after:
+            raise RuntimeError("simulated crash")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(cls, "train_step", crashing)
+    return original
+
+
 def train_run(backend_name, model_dir, recipe, train, evals, path, resume=False, fail_after=None):
     """loop.train on a fresh backend into run dir ``path``; with ``fail_after``, train_step raises
     a simulated crash after that many calls (for resume tests)."""

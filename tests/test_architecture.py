@@ -24,7 +24,7 @@ RANKS = {
     "planning": 5,
     "evaluation": 6,
     "runs": 7,
-    "training": 8,
+    "training": 8, "export": 8,
     "system": 9,
     "cli": 10,
 }

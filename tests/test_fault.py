@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import crash_train_step
 from mlxtune.recipe.loading import load_recipe
 from mlxtune.runs.rundir import RunDir, read_state
 
@@ -72,15 +73,7 @@ def test_resume_with_dropout_is_exact(tiny_recipe, monkeypatch, backend):
     cls = _backend_class(backend)
     path = tiny_recipe()
     full, _ = run(load_recipe(path, _sets("full")), backend)
-    calls, original = {"n": 0}, cls.train_step
-
-    def crashing(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] > 9:  # 2 passes a step: the second pass of step 5
-            raise RuntimeError("simulated crash")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(cls, "train_step", crashing)
+    original = crash_train_step(monkeypatch, cls, 9)  # 2 passes a step: the second pass of step 5
     with pytest.raises(RuntimeError, match="simulated"):
         run(load_recipe(path, _sets("cut")), backend)
     monkeypatch.setattr(cls, "train_step", original)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -161,3 +162,115 @@ def load_lora_folder(path: Path, adapter: Any, modules: Iterable[str],
     af = read_adapter(Path(path), load)
     check_adapter(af, Path(path), adapter.method, adapter.rank, adapter.scale, modules)
     return af.weights
+
+
+# ---------------------------------------------------------------- the other format, next to the native one
+
+# Each backend writes its native format at the top of an adapter folder (torch: PEFT, MLX: mlx-lm)
+# and the other one in a subfolder, since both formats name their config adapter_config.json.
+PEFT_DIR, MLX_DIR = "peft", "mlx"
+_BLOCK = re.compile(r"^(?P<stem>.*\.layers)\.(?P<i>\d+)\.(?P<rel>.+)$")
+
+
+@dataclass
+class LoraSpec:
+    """What either format's adapter_config.json says about a LoRA/DoRA adapter."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    dora: bool
+    target_modules: list[str]
+    num_blocks: int  # blocks in the base model
+    base_model: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # more for mlx-lm's config "mlxtune" section
+
+
+def _modules(weights: dict[str, np.ndarray]) -> list[str]:
+    return sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_A")})
+
+
+def _save_safetensors(file: Path, tensors: dict[str, np.ndarray], fmt: str) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(file), metadata={"format": fmt})
+
+
+def write_peft(path: Path, weights: dict[str, np.ndarray], spec: LoraSpec) -> None:
+    """PEFT's ``adapter_model.safetensors`` (``lora_A`` (r, in), ``lora_B`` (out, r), DoRA's
+    ``lora_magnitude_vector``) + ``adapter_config.json`` in folder ``path``, from boundary-layout
+    ``weights``: loadable by stock ``peft.PeftModel.from_pretrained``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for k, v in weights.items():
+        module, leaf = k.rsplit(".", 1)
+        name = "lora_magnitude_vector" if leaf == MAGNITUDE else f"{leaf}.weight"
+        tensors[f"base_model.model.{module}.{name}"] = v
+    layers = sorted({int(m.group("i")) for m in map(_BLOCK.match, _modules(weights)) if m})
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": spec.base_model,
+        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_dora": spec.dora,
+        "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": sorted(spec.target_modules),
+        "layers_to_transform": None if layers == list(range(spec.num_blocks)) else layers,
+    }
+    _save_safetensors(path / "adapter_model.safetensors", tensors, "pt")
+    (path / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def mlx_lm_layout(modules: Iterable[str], num_blocks: int) -> tuple[int, list[str], list[int]]:
+    """mlx-lm's ``num_layers`` (it adapts the last N blocks), ``keys`` (module paths inside a
+    block) and the adapted block indices, for the adapted module paths. MlxtuneError naming a
+    module that is in no block (mlx-lm's format adapts block layers only)."""
+    blocks, keys = set(), set()
+    for p in modules:
+        m = _BLOCK.match(p)
+        if not m or m.group("stem") != "model.layers":
+            raise MlxtuneError(f"{p}: mlx-lm's adapter format adapts only layers inside the blocks model.layers.N; "
+                               "this adapter is written in PEFT's format only")
+        blocks.add(int(m.group("i")))
+        keys.add(m.group("rel"))
+    return (num_blocks - min(blocks) if blocks else 0), sorted(keys), sorted(blocks)
+
+
+def write_mlx_lm(path: Path, weights: dict[str, np.ndarray], spec: LoraSpec) -> None:
+    """mlx-lm's ``adapters.safetensors`` (``lora_a`` (in, r), ``lora_b`` (r, out), DoRA's ``m``)
+    + ``adapter_config.json`` in folder ``path``: loadable by stock ``mlx_lm.load(..., adapter_path=)``.
+
+    mlx-lm's config knows only "the last N blocks, these keys in each". Other layer lists (e.g.
+    [0] of 2 blocks) are written exactly all the same: mlx-lm gives the blocks and keys in that
+    range that mlxtune did not adapt a fresh adapter with ``lora_b`` = 0 (its loader fills in only
+    the tensors in the file), which changes no output; the config's ``mlxtune.note`` says so."""
+    path = Path(path)
+    num_layers, keys, layers = mlx_lm_layout(_modules(weights), spec.num_blocks)
+    tensors = {}
+    for k, v in weights.items():
+        module, leaf = k.rsplit(".", 1)
+        tensors[f"{module}.m" if leaf == MAGNITUDE else f"{module}.lora_{leaf[-1].lower()}"] = v if leaf == MAGNITUDE else v.T
+    meta = {"alpha": spec.alpha, "layers": layers, "target_modules": list(spec.target_modules),
+            "base_model": spec.base_model, "method": "dora" if spec.dora else "lora", **spec.extra}
+    padded = len(layers) * len(keys) != len(_modules(weights)) or layers != list(range(spec.num_blocks - num_layers, spec.num_blocks))
+    if padded:
+        meta["note"] = (f"mlxtune adapted blocks {layers} only; mlx-lm adapts the last {num_layers} blocks with keys {keys}, "
+                        "and the layers not in adapters.safetensors keep lora_b = 0 (no change to the output)")
+    cfg = {
+        "fine_tune_type": "dora" if spec.dora else "lora", "num_layers": num_layers,
+        "lora_parameters": {"rank": spec.rank, "scale": spec.alpha / spec.rank, "dropout": spec.dropout, "keys": keys},
+        "mlxtune": meta,
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(path / "adapters.safetensors", tensors, "mlx")
+    (path / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def write_mlx_lm_or_say_why(path: Path, weights: dict[str, np.ndarray], spec: LoraSpec) -> str | None:
+    """:func:`write_mlx_lm`, or, where mlx-lm's format cannot hold the adapter, ``path``/WHY_NOT.txt
+    with the reason (returned); the adapter folder stays complete in PEFT's format."""
+    try:
+        write_mlx_lm(path, weights, spec)
+        return None
+    except MlxtuneError as e:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "WHY_NOT.txt").write_text(str(e) + "\n", encoding="utf-8")
+        return str(e)

@@ -26,6 +26,7 @@ METHOD_KEYS = {"lora": LORA_KEYS, "dora": LORA_KEYS, "qlora": LORA_KEYS,
                "prefix": ("num_virtual_tokens", "prefix_projection", "prefix_hidden")}
 VIRTUAL_METHODS = ("prompt", "prefix")
 GEN_METRICS = ("bleu", "chrf", "pass@k", "cefr")
+TRACKERS = ("tensorboard", "wandb", "trackio")  # output.report_to (mlxtune/runs/trackers.py)
 
 
 def _documented(default: Any, doc: str, **kw: Any) -> Any:
@@ -280,6 +281,14 @@ class EvalConfig:
 class OutputConfig:
     dir: str = _documented("runs", "Parent folder of run directories (relative to the working directory).")
     name: str = _documented("", "Run name; empty: the recipe file's name.")
+    report_to: list[str] = _documented([], "Experiment trackers that also get the run's train loss, learning rate, gradient norm and every eval number (losses, perplexities, generation metrics; the base model's under `eval_base/`): `tensorboard` (event files in the run's `tensorboard/` folder: `tensorboard --logdir runs`), `wandb`, `trackio` (project `mlxtune`, the run's name). metrics.jsonl is written either way.")
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.report_to if t not in TRACKERS]
+        twice = sorted({t for t in self.report_to if self.report_to.count(t) > 1})
+        if bad or twice:
+            what = f"unknown {', '.join(map(repr, bad))}" if bad else f"{', '.join(map(repr, twice))} listed twice"
+            raise ValueError(f"output.report_to: {what}; list each at most once, from " + ", ".join(TRACKERS))
 
 
 @dataclass
@@ -313,6 +322,10 @@ class Recipe:
         if self.adapter.method in VIRTUAL_METHODS and self.model.quantize_bits:
             raise ValueError(f'model.quantize_bits = {self.model.quantize_bits}: adapter.method = "{self.adapter.method}" '
                              "trains on a full-precision base only; set model.quantize_bits = 0")
+        missing = [t for t in self.output.report_to if not _installed(t)]
+        if missing:
+            raise ValueError(f"output.report_to: {', '.join(missing)} is not installed; pip install {' '.join(missing)}, "
+                             "or remove it from output.report_to")
         if not allows_checkpointing(self.adapter.method) and self.train.grad_checkpointing is True:
             raise ValueError('train.grad_checkpointing = true does not work with adapter.method = "prefix" '
                              "(the prefix lives in the attention cache); set it to false")
@@ -342,6 +355,16 @@ class Recipe:
             v = getattr(self, f.name)
             out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
         return out
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (wandb takes seconds)."""
+    import importlib.util
+    import sys
+
+    if module in sys.modules:  # None there: an import that is blocked
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
 
 
 SECTIONS: dict[str, type] = {

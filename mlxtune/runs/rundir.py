@@ -36,6 +36,8 @@ MARKERS = (RECIPE, METRICS)
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        # called with each event after it is in metrics.jsonl (the run's trackers: runs/trackers.py)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     # -- creation ------------------------------------------------------------------
     @staticmethod
@@ -93,6 +95,8 @@ class RunDir:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
+        for listener in self.listeners:
+            listener(event)
 
     def events(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)

@@ -102,13 +102,14 @@ def _graceful_sigint() -> Iterator[dict[str, bool]]:
 
 
 def adapter_bytes(backend: Backend) -> int:
-    """Bytes of the adapter's weights (the disk-full message's estimate of what a save needs)."""
-    return sum(int(w.nbytes) for w in backend.get_adapter_weights().values())
+    """Bytes of an adapter folder (the disk-full message's estimate of what a save needs): its
+    weights twice, as LoRA/DoRA folders hold both PEFT's and mlx-lm's format (adapters/lora.py)."""
+    return 2 * sum(int(w.nbytes) for w in backend.get_adapter_weights().values())
 
 
 def save_checkpoint(backend: Backend, run: RunDir, state: TrainState, keep: int) -> None:
-    # the adapter and AdamW's two moments per weight
-    with run.checkpoint_dir(state.step, state.to_dict(), need=lambda: 3 * adapter_bytes(backend)) as tmp:
+    # the adapter (in two formats) and AdamW's two moments per weight
+    with run.checkpoint_dir(state.step, state.to_dict(), need=lambda: 2 * adapter_bytes(backend)) as tmp:
         backend.save_adapter(tmp / "adapter")
         backend.save_optimizer(tmp / "optimizer.safetensors")
     run.prune_checkpoints(keep)

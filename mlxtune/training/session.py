@@ -20,6 +20,7 @@ from mlxtune.models.source import pad_id
 from mlxtune.recipe.schema import Recipe
 from mlxtune.runs.report import write_report
 from mlxtune.runs.rundir import RunDir, run_lock, split_events
+from mlxtune.runs.trackers import Trackers
 from mlxtune.training import loop
 from mlxtune.training.backend_choice import backend_message, resolve_backend
 from mlxtune.training.ui import SilentUI, TrainUI
@@ -115,8 +116,11 @@ def _run_locked(recipe: Recipe, backend_name: str | None, overwrite: bool, resum
                      "trainable_parameters": backend.trainable_parameters()})
     pad = pad_id(tokenizer)
     eval_set = eval_batches(data.eval, recipe.eval.batch_size, pad)
-    summary = loop.train(backend, data.train, eval_set, recipe.train, recipe.eval, run_dir, pad, resume=resume,
-                         ui=ui, score_fn=make_score_fn(backend, tokenizer, eval_set, data, recipe, run_dir, ui))
+    # output.report_to: the trackers get every event RunDir.log writes, and are closed however the run ends
+    with Trackers(recipe.output.report_to, run_dir.path, recipe.run_name, recipe.to_dict() | {"backend": name}) as trackers:
+        run_dir.listeners.append(trackers)
+        summary = loop.train(backend, data.train, eval_set, recipe.train, recipe.eval, run_dir, pad, resume=resume,
+                             ui=ui, score_fn=make_score_fn(backend, tokenizer, eval_set, data, recipe, run_dir, ui))
     if resume and summary["base"] is None:
         summary["base"] = split_events(run_dir.events())[1]
     write_report(run_dir.path)
