@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from mlxtune.cli.main import cli
 from mlxtune.export import merge
-from mlxtune.export import safetensors_io as st
+from mlxtune.models import safetensors_io as st
 from mlxtune.export.merge import export_merged
 from mlxtune.recipe.loading import load_recipe
 

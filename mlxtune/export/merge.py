@@ -1,7 +1,7 @@
 """`mlxtune export RUN --format merged OUT`: the run's LoRA/DoRA adapter folded into the base
 weights, written as a standard Hugging Face folder that stock transformers and stock mlx-lm load.
 
-Framework-free: weights are read and written with numpy (``safetensors_io.py``) and merged in
+Framework-free: weights are read and written with numpy (``mlxtune/models/safetensors_io.py``) and merged in
 float64, then cast once to the export dtype. LoRA: W' = W + s B A. DoRA as peft merges it:
 W' = m / ||W + s B A|| * (W + s B A), the norm taken per output row. The folder is written under
 a temporary name beside OUT and renamed into place, so OUT is never half-written.
@@ -21,7 +21,7 @@ import numpy as np
 
 from mlxtune.adapters.lora import MAGNITUDE, load_lora_folder, select_layers
 from mlxtune.errors import MlxtuneError
-from mlxtune.export import safetensors_io as st
+from mlxtune.models import safetensors_io as st
 from mlxtune.recipe.schema import Recipe
 from mlxtune.runs.rundir import BEST, FINAL, RECIPE, RunDir, locked_if_run, read_recipe
 

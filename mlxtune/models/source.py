@@ -107,21 +107,17 @@ def check_weights(model_dir: Path) -> None:
 
 
 def _check_safetensors(path: Path, fix: str) -> None:
-    """The format: an 8-byte little-endian header size, a JSON header of name -> {dtype, shape,
-    data_offsets}, then the data, which the offsets must cover up to the file's end."""
+    """The header (models/safetensors_io.py) must parse and its offsets must cover no more than the file."""
+    from mlxtune.models.safetensors_io import data_end, read_header
+
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise MlxtuneError(f"{path} is not a valid safetensors file ({size} bytes, header cut or corrupt): {fix}")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            raise MlxtuneError(f"{path} is not a valid safetensors file (its header is corrupt): {fix}") from None
-    if 8 + n + end > size:
-        raise MlxtuneError(f"{path} is truncated ({size} bytes, its header needs {8 + n + end}): {fix}")
+    try:
+        start, header = read_header(path)
+        end = data_end(header)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise MlxtuneError(f"{path} is not a valid safetensors file ({size} bytes, its header is cut or corrupt): {fix}") from None
+    if start + end > size:
+        raise MlxtuneError(f"{path} is truncated ({size} bytes, its header needs {start + end}): {fix}")
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):

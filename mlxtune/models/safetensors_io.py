@@ -21,12 +21,24 @@ FLOAT_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data, header without ``__metadata__``)."""
+    """(offset of the data, header without ``__metadata__``). ValueError when the header is cut or
+    is not the format's JSON object (its size is checked against the file before it is read)."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n).decode("utf-8"))
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{path}: header cut or corrupt ({size} bytes)")
+        header = json.loads(f.read(n).decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is not a JSON object")
     header.pop("__metadata__", None)
     return 8 + n, header
+
+
+def data_end(header: dict[str, Any]) -> int:
+    """Bytes of tensor data the header's offsets cover (TypeError/KeyError/... when it is malformed)."""
+    return max((int(v["data_offsets"][1]) for v in header.values()), default=0)
 
 
 def read_tensors(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
