@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxtune.errors import MlxtuneError
+from mlxtune.models.gguf_base import float_weights
 from mlxtune.models.source import read_config
 
 # model_type -> fields mlx-lm's ModelArgs reads that must equal transformers' values.
@@ -86,8 +87,11 @@ def mlx_model_config(model_dir: Path) -> tuple[str, dict[str, Any]]:
         )
     if "quantization_config" in raw and "quantization" not in raw:  # mlx-lm writes both; HF formats (GPTQ, AWQ, bnb) only the second
         method = (raw["quantization_config"] or {}).get("quant_method", "unknown")
-        raise MlxtuneError(f"{raw_path}: a {method}-quantized checkpoint cannot be trained by the mlx backend; name the "
-                           "unquantized model and set model.quantize_bits (quantized at load), or an mlx-lm quantized folder")
+        # a folder transformers converted from a GGUF keeps {quant_method: gguf} over plain float weights
+        # (mlx-lm ignores that method): it is an unquantized model
+        if method != "gguf" or not float_weights(model_dir):
+            raise MlxtuneError(f"{raw_path}: a {method}-quantized checkpoint cannot be trained by the mlx backend; name the "
+                               "unquantized model and set model.quantize_bits (quantized at load), or an mlx-lm quantized folder")
     hf = _hf_config(model_dir)
     act = getattr(hf, "hidden_act", "silu")
     if act != "silu":

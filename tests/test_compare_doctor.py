@@ -177,3 +177,10 @@ def test_openblas_only_for_commands_that_use_mlx(tmp_path):
     assert not blas.command_uses_mlx(["run", str(mlx_recipe), "--backend", "torch"])
     assert not blas.command_uses_mlx(["run", str(auto_recipe)])
     assert not blas.command_uses_mlx(["validate", str(tmp_path / "missing.toml")])
+    # a run directory (generate, chat): the backend it trained on, from its recipe.resolved.toml
+    for name, backend in (("mlx-run", "mlx"), ("torch-run", "torch")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.resolved.toml").write_text(f'backend = "{backend}"\n')
+    assert blas.command_uses_mlx(["chat", str(tmp_path / "mlx-run")])
+    assert not blas.command_uses_mlx(["generate", str(tmp_path / "torch-run"), "hi"])
+    assert not blas.command_uses_mlx(["chat", str(tmp_path / "mlx-run"), "--backend", "torch"])

@@ -46,6 +46,10 @@ def test_quickstart_learns_and_reports(runs, backend):
     report = (run / "report.md").read_text()
     assert "| eval loss (response only) |" in report and "| perplexity (full text) |" in report
     assert "base vs fine-tuned" in procs[backend].stdout
+    # it ends with one eval example, base model and fine-tuned side by side (eval.show_examples = 1)
+    example = json.loads((run / "generations" / "examples.jsonl").read_text())
+    assert "eval example 1, prompt:" in procs[backend].stdout and example["base"] != example["tuned"]
+    print(f"\nquickstart {backend} example: {example['prompt']!r}\n  base:  {example['base'][:300]!r}\n  tuned: {example['tuned'][:300]!r}")
     end = events[-1]
     print(f"\nquickstart {backend}: base {base['loss']:.4f} -> {final['loss']:.4f} (response), "
           f"{base['loss_full']:.4f} -> {final['loss_full']:.4f} (full); {end['train_seconds']:.0f} s training, "

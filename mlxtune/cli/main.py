@@ -11,6 +11,8 @@ from mlxtune.cli.compare import compare_cmd
 from mlxtune.cli.doctor import doctor_cmd
 from mlxtune.cli.evaluate import eval_cmd
 from mlxtune.cli.export import export_cmd
+from mlxtune.cli.generate import generate_cmd
+from mlxtune.cli.chat import chat_cmd
 from mlxtune.cli.options import backend_option, no_progress_option, recipe_argument, set_option
 from mlxtune.cli.plan import plan_cmd
 from mlxtune.errors import MlxtuneError
@@ -144,6 +146,8 @@ cli.add_command(compare_cmd)
 cli.add_command(plan_cmd)
 cli.add_command(doctor_cmd)
 cli.add_command(export_cmd)
+cli.add_command(generate_cmd)
+cli.add_command(chat_cmd)
 
 
 def main() -> None:

@@ -118,3 +118,15 @@ def print_summary(summary: dict[str, Any]) -> None:
                 left=["metric"])
     err_console().print(f"{summary['trained_tokens_per_s']:.1f} trained tokens/s, {summary['train_seconds']:.1f} s, "
                         f"peak memory {summary['peak_memory'] / 2**30:.2f} GiB")
+    print_examples(summary.get("examples") or [])
+
+
+def print_examples(rows: Sequence[dict[str, Any]]) -> None:
+    """eval.show_examples: each example's prompt, then the base model's and the fine-tuned model's text side by side."""
+    console = Console()
+    for row in rows:
+        console.print(f"[bold]eval example {row['index'] + 1}[/], prompt:")
+        console.print(escape(row["prompt"]), highlight=False)
+        table = new_table(["base model", "fine-tuned"], left=["base model", "fine-tuned"])
+        table.add_row(escape(row["base"]), escape(row["tuned"]))
+        console.print(table)

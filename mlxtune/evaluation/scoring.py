@@ -67,6 +67,24 @@ def generate_outputs(backend: Backend, tokenizer: Any, records: list[dict[str, A
     return outputs
 
 
+def side_by_side(backend: Backend, tokenizer: Any, records: list[dict[str, Any]], recipe: Recipe) -> list[dict[str, Any]]:
+    """The first ``eval.show_examples`` records generated greedily by the base model and by the
+    adapter, with the user's message and the reference: what fine-tuning changed, in words."""
+    from mlxtune.evaluation.generation import GenSettings, generate_texts
+
+    cfg = recipe.eval
+    recs = records[: cfg.show_examples]
+    prompts = [encode_prompt(r, recipe.data, tokenizer) for r in recs]
+    settings = GenSettings(max_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.gen_batch_size, stop=tuple(cfg.stop))
+    base, tuned = (generate_texts(backend, tokenizer, prompts, settings, adapter=on) for on in (False, True))
+    rows = []
+    for i, (rec, b, t) in enumerate(zip(recs, base, tuned)):
+        msgs = record_to_messages(rec, recipe.data)
+        user = next(m["content"] for m in reversed(msgs[:-1]) if m["role"] == "user")
+        rows.append({"index": i, "prompt": user, "reference": msgs[-1]["content"], "base": b, "tuned": t})
+    return rows
+
+
 def _code_programs(records: list[dict[str, Any]], outputs: list[list[str]]) -> list[str]:
     from mlxtune.evaluation.sandbox import extract_code, humaneval_program
 

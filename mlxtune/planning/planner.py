@@ -35,15 +35,16 @@ MARGIN = 0.9
 def find_config(spec: str, config_file: str | None = None) -> tuple[dict, str]:
     """(config.json as a dict, where it came from) for a recipe's model, without weights.
 
-    ``config_file`` (``--config``) wins; then a local folder; the embedded model's converted
+    ``config_file`` (``--config``) wins; then a GGUF file's (models/source.gguf_config); a local folder; the embedded model's converted
     folder or its bundled config; a hub id's config.json in the Hugging Face cache; the configs
     bundled with mlxtune (``mlxtune/model_configs``) for the recipes' models."""
     if config_file:
         return _read(Path(config_file)), config_file
     spec = spec.strip()
-    if spec.lower().endswith(".gguf"):
-        raise MlxtuneError(f"{spec} is a GGUF file (an inference format that cannot be fine-tuned); "
-                           "name the model's Hugging Face folder or repo, or give --config path/to/config.json")
+    if spec.lower().endswith(".gguf") and not Path(spec).expanduser().is_dir():
+        from mlxtune.models.source import gguf_config
+
+        return gguf_config(spec)  # the converted folder's config, else the GGUF header's
     if spec.startswith("embedded:"):
         from mlxtune.models.source import cache_dir
 

