@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxtune.errors import MlxtuneError
-from mlxtune.models.gguf_base import float_weights
+from mlxtune.models.gguf_base import stated_quantization
 from mlxtune.models.source import read_config
 
 # model_type -> fields mlx-lm's ModelArgs reads that must equal transformers' values.
@@ -86,10 +86,8 @@ def mlx_model_config(model_dir: Path) -> tuple[str, dict[str, Any]]:
             "transformers' logits in the test suite); use --backend torch"
         )
     if "quantization_config" in raw and "quantization" not in raw:  # mlx-lm writes both; HF formats (GPTQ, AWQ, bnb) only the second
-        method = (raw["quantization_config"] or {}).get("quant_method", "unknown")
-        # a folder transformers converted from a GGUF keeps {quant_method: gguf} over plain float weights
-        # (mlx-lm ignores that method): it is an unquantized model
-        if method != "gguf" or not float_weights(model_dir):
+        method = stated_quantization(raw, model_dir)  # None for a GGUF-converted folder of plain floats (mlx-lm ignores that method)
+        if method is not None:
             raise MlxtuneError(f"{raw_path}: a {method}-quantized checkpoint cannot be trained by the mlx backend; name the "
                                "unquantized model and set model.quantize_bits (quantized at load), or an mlx-lm quantized folder")
     hf = _hf_config(model_dir)

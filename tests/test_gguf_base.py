@@ -216,6 +216,11 @@ def test_gguf_marked_float_folder_trains(backend, tiny_recipe, tiny_model_dir, t
     res = invoke("run", recipe, "--backend", backend, "--set", f"model.path={folder}", "--set", f"output.name={backend}", *STEPS)
     assert res.exit_code == 0, res.output
     assert run_events(recipe, backend) == ([1, 2], [0, 2])
+    # and its adapter merges like any float model's (the exported config drops the stale quantization_config)
+    out = tmp_path / "merged"
+    res = invoke("export", recipe.parent / "runs" / backend, out, "--format", "merged")
+    assert res.exit_code == 0, res.output
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
 
 def test_gguf_marked_folder_with_packed_weights_is_still_refused_by_mlx(tiny_model_dir, tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 from mlxtune.adapters.lora import MAGNITUDE, load_lora_folder, select_layers
 from mlxtune.errors import MlxtuneError
 from mlxtune.models import safetensors_io as st
+from mlxtune.models.gguf_base import stated_quantization
 from mlxtune.recipe.schema import Recipe
 from mlxtune.runs.rundir import BEST, FINAL, RECIPE, RunDir, locked_if_run, read_recipe
 
@@ -150,7 +151,7 @@ def export_merged(run: str | Path, out: str | Path, dtype: str | None = None, ad
             raise MlxtuneError(f"{out}: that is the run, its adapter or its base model folder; export into a new folder")
         config = model_config(model_dir)
         # mlx-lm writes its "quantization" also as "quantization_config"; transformers' methods write only the latter
-        mode = config["quantization"].get("mode", "affine") if "quantization" in config else config.get("quantization_config", {}).get("quant_method")
+        mode = config["quantization"].get("mode", "affine") if "quantization" in config else stated_quantization(config, model_dir)
         if mode not in (None, "affine"):
             raise MlxtuneError(f"{model_dir}/config.json: weights quantized with {mode} cannot be de-quantized here; train from "
                                "the full-precision model folder (the run quantizes it at load with model.quantize_bits) or from "

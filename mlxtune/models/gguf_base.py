@@ -213,3 +213,13 @@ def float_weights(model_dir: Path) -> bool:
         return bool(files) and all(t.get("dtype") in floats for f in files for t in tensors(f)[1].values())
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def stated_quantization(config: dict, model_dir: Path) -> str | None:
+    """The ``quant_method`` of config.json's ``quantization_config`` (GPTQ, AWQ, bitsandbytes, ...), or
+    None: no such key, or a folder transformers converted from a GGUF, which keeps
+    ``{quant_method: gguf}`` over plain float weights (:func:`float_weights`): an unquantized model."""
+    if "quantization_config" not in config:
+        return None
+    method = (config["quantization_config"] or {}).get("quant_method", "unknown")
+    return None if method == "gguf" and float_weights(model_dir) else method
