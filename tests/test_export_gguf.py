@@ -22,6 +22,8 @@ from mlxtune.export.gguf import export_gguf  # noqa: E402
 from test_export import train  # noqa: E402
 
 F16_TOL = 1e-3
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 Q8_TOL = 2e-2  # measured on these tiny models: 9.7e-3 llama, 5.1e-3 mistral, 3.5e-3 qwen2, 2.9e-3 qwen3 (f16: <= 2.6e-4)
 TEXT = "say hello world, the sky is blue! count to 3 (café)"
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -86,6 +88,9 @@ def build_model(path, arch, vocab_size, seed=0):
     if arch == "llama":
         cfg = LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
         model = LlamaForCausalLM(cfg)
+    elif arch == "llama3":  # Llama 3.2's rope (head_dim 16: kept, ramped and divided frequencies all occur)
+        cfg = LlamaConfig(**common, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)
+        model = LlamaForCausalLM(cfg)
     elif arch == "mistral":  # written as llama.cpp does: the llama arch, named "mistral"
         cfg = MistralConfig(**common, tie_word_embeddings=False, sliding_window=None,
                             rope_parameters={"rope_type": "default", "rope_theta": 20000.0})
@@ -101,6 +106,8 @@ def build_model(path, arch, vocab_size, seed=0):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            if arch == "llama3" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8)  # sharp attention, so the rope's frequencies show in the logits
     model.save_pretrained(path)
 
 
@@ -255,3 +262,96 @@ def test_gguf_refuses_unsupported_architecture_and_tokenizer_before_work(tiny_re
     assert res.exit_code == 2, res.output
     assert "model_type 'gpt_neox' cannot be exported to GGUF here; supported: llama, mistral, qwen2, qwen3" in res.output
     assert not (tmp_path / "m.gguf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_gguf_in_llama_cpp(tiny_bpe_model, tiny_recipe, tmp_path):
+    """The consumer the format is for: llama.cpp itself (llama-cpp-python, a source build, so only where it
+    is installed) reads the f16 file, tokenizes like the model's tokenizer, and computes the merged
+    model's logits and greedy text."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from mlxtune.export.merge import export_merged
+
+    arch, model_dir = tiny_bpe_model
+    _, run = train(tiny_recipe, "torch", "lora", extra=(f"model.path={model_dir}",))
+    ref_model, ref_tok = _load(export_merged(run, tmp_path / "merged", "float32").path)
+    res = export_gguf(run, tmp_path / "model-f16.gguf", "f16")
+    llm = llama_cpp.Llama(model_path=str(res.path), n_ctx=128, logits_all=True, verbose=False, seed=0)
+    assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
+    ids = ref_tok(TEXT)["input_ids"]
+    assert llm.tokenize(TEXT.encode(), add_bos=ids[0] == ref_tok.bos_token_id, special=True) == ids
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    d = float(np.abs(got - _logits(ref_model, ids)).max())
+    prompt = ref_tok.apply_chat_template([{"role": "user", "content": "say hello"}], add_generation_prompt=True, return_dict=False)
+    llm.reset()
+    greedy = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):  # llama.cpp's generate goes on past eos
+        greedy.append(int(tok))
+        if len(greedy) == 16:
+            break
+    want = list(prompt)
+    for _ in range(16):  # plain argmax, eos included (transformers' generate would stop or suppress it)
+        want.append(int(_logits(ref_model, want)[-1].argmax()))
+    want = want[len(prompt):]
+    same = next((i for i, (a, b) in enumerate(zip(greedy, want)) if a != b), len(want))
+    q8 = llama_cpp.Llama(model_path=str(export_gguf(run, tmp_path / "model-q8_0.gguf", "q8_0").path), n_ctx=128,
+                         logits_all=True, verbose=False)
+    q8.eval(ids)
+    d8 = float(np.abs(np.asarray(q8.scores[: len(ids)], dtype=np.float32) - _logits(ref_model, ids)).max())
+    print(f"{arch}: llama.cpp f16 max |logit diff| {d:.2e}, greedy tokens equal {same}/{len(want)}; q8_0 {d8:.2e}")
+    assert d <= F16_TOL and greedy == want and d8 <= Q8_TOL
+
+
+@pytest.fixture(scope="module")
+def tiny_llama3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama3_rope")
+    build_model(path, "llama3", len(build_bpe_tokenizer(path, qwen_split=False, bos=True)))
+    return path
+
+
+def test_gguf_llama3_rope_round_trip(tiny_llama3, tiny_recipe, tmp_path, monkeypatch):
+    """Llama 3.1/3.2's rope goes into the GGUF as llama.cpp's rope_freqs tensor (equal to transformers' own
+    llama3 frequencies), and that GGUF used as a base model reads back with that rope, where transformers'
+    GGUF reader alone silently falls back to the default rope."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mlxtune.export.merge import export_merged
+    from mlxtune.models.source import resolve_model
+
+    _, run = train(tiny_recipe, "torch", "lora", extra=(f"model.path={tiny_llama3}",))
+    res = export_gguf(run, tmp_path / "m.gguf", "f32")
+    freqs = next(np.asarray(t.data) for t in gguf.GGUFReader(str(res.path)).tensors if t.name == "rope_freqs.weight")
+    inv_llama3, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(tiny_llama3), "cpu")
+    inv_default = 1 / (500000.0 ** (np.arange(0, 16, 2) / 16))
+    np.testing.assert_allclose(inv_default / freqs, inv_llama3.numpy(), rtol=1e-5)
+    assert freqs.min() == 1 and freqs.max() == 32 and len(set(freqs.tolist())) > 2
+
+    ref_model, ref_tok = _load(export_merged(run, tmp_path / "merged", "float32").path)
+    ids = ref_tok(" ".join([TEXT] * 8))["input_ids"]  # long: the rope turns the slow frequencies far enough to matter
+    ref = _logits(ref_model, ids)
+    monkeypatch.setenv("MLXTUNE_CACHE", str(tmp_path / "cache"))
+    folder = resolve_model(str(res.path))
+    assert json.loads((folder / "config.json").read_text())["rope_parameters"] == LLAMA3_ROPE
+    d = float(np.abs(_logits(_load(folder)[0], ids) - ref).max())
+    plain = float(np.abs(_logits(_load(tmp_path, res.path.name)[0], ids) - ref).max())  # transformers' reader alone
+    print(f"llama3 rope: GGUF as base {d:.2e}; transformers' GGUF reader alone (default rope) {plain:.2e}")
+    assert d <= 1e-4 and plain > 1e-2
+
+
+@pytest.mark.slow
+def test_gguf_llama3_rope_in_llama_cpp(tiny_llama3, tiny_recipe, tmp_path):
+    """llama.cpp applies the rope_freqs written for Llama 3's rope: its logits are the merged model's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from mlxtune.export.merge import export_merged
+
+    _, run = train(tiny_recipe, "torch", "lora", extra=(f"model.path={tiny_llama3}",))
+    ref_model, ref_tok = _load(export_merged(run, tmp_path / "merged", "float32").path)
+    llm = llama_cpp.Llama(model_path=str(export_gguf(run, tmp_path / "m.gguf", "f16").path), n_ctx=512, logits_all=True,
+                          verbose=False)
+    ids = ref_tok(" ".join([TEXT] * 8))["input_ids"]  # long: the rope turns the slow frequencies far enough to matter
+    llm.eval(ids)
+    d = float(np.abs(np.asarray(llm.scores[: len(ids)], dtype=np.float32) - _logits(ref_model, ids)).max())
+    print(f"llama3 rope: llama.cpp f16 max |logit diff| {d:.2e}")
+    assert d <= F16_TOL

@@ -297,7 +297,8 @@ def test_embedded_gguf_file_trains_and_evaluates(backend, gguf_cache, tiny_recip
         assert res.exit_code == 0 and "(its GGUF header)" in res.output, res.output
     res = invoke("run", recipe, "--backend", backend, "--set", f"model.path={gguf}", "--set", "train.micro_batch=2", "--set", "train.grad_accum=1", "--set", f"output.name={backend}", *STEPS)
     assert res.exit_code == 0, res.output
-    assert ("de-quantized GGUF's (Q4_1 -> float32)" in res.output) == fresh  # converted once, by the first
+    assert ("to safetensors (once)" in res.output) == fresh  # converted once, by the first
+    assert "de-quantized GGUF's (Q4_1 -> float32)" in " ".join(res.output.split())  # and every run says whose weights
     assert run_events(recipe, backend) == ([1, 2], [0, 2])
 
     folder = models.resolve_model(str(gguf))  # the second resolve reuses the folder
@@ -306,3 +307,24 @@ def test_embedded_gguf_file_trains_and_evaluates(backend, gguf_cache, tiny_recip
     assert marker["gguf_quantization"] == "Q4_1" and "quantization_config" not in json.loads((folder / "config.json").read_text())
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert models.resolve_model(str(gguf)) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_rope_freqs_read_as_llama3_rope_or_refused(tmp_path):
+    """llama.cpp stores Llama 3's rope as a rope_freqs tensor that transformers' GGUF reader ignores: mlxtune
+    reads it back as the llama3 rope it stands for, and refuses rope_freqs that are no Llama 3 rope."""
+    import gguf
+
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "rope_parameters": {"rope_theta": 500000.0}}
+    want = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, **gguf_base.LLAMA3_ROPE}
+
+    def write(name, freqs):
+        w = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        w.add_tensor("rope_freqs.weight", freqs)
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+        return tmp_path / name
+
+    freqs = gguf_base.llama3_rope_factors(config | {"rope_parameters": want})
+    assert gguf_base.rope_from_freqs(write("llama3.gguf", freqs), config) == want
+    for name, bad, cfg in (("ramp.gguf", freqs * 1.5, config), ("qwen.gguf", freqs, config | {"model_type": "qwen2"})):
+        with pytest.raises(MlxtuneError, match="rope_freqs tensor is not Llama 3's rope"):
+            gguf_base.rope_from_freqs(write(name, bad), cfg)

@@ -23,6 +23,7 @@ import numpy as np
 from mlxtune.errors import MlxtuneError
 from mlxtune.export.merge import Progress, _weight_files, adapter_folder, export_merged, refuse_virtual, run_recipe
 from mlxtune.models import safetensors_io as st
+from mlxtune.models.gguf_base import llama3_rope_factors
 
 OUTTYPES = ("f16", "q8_0", "f32")
 # config.json's model_type -> (gguf architecture, q/k rows permuted for interleaved rope)
@@ -58,9 +59,9 @@ def check_arch(config: dict[str, Any], where: Path) -> tuple[str, bool]:
                            "use --format merged and llama.cpp's convert_hf_to_gguf.py")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in ("default", None):
-        raise MlxtuneError(f"{where}: rope scaling {rope_type!r} is not written to GGUF here (only the default rope); "
-                           "use --format merged and llama.cpp's convert_hf_to_gguf.py")
+    if rope_type not in ("default", None) and not (rope_type == "llama3" and ARCHS[kind][0] == "llama"):
+        raise MlxtuneError(f"{where}: rope scaling {rope_type!r} is not written to GGUF here (the default rope, and llama3's "
+                           "for llama); use --format merged and llama.cpp's convert_hf_to_gguf.py")
     return ARCHS[kind]
 
 
@@ -200,6 +201,10 @@ def _write(folder: Path, tmp: Path, config: dict[str, Any], arch: str, permute: 
     plan = _plan(headers, config, arch, result.outtype)
     writer = gguf.GGUFWriter(str(tmp), arch)
     _metadata(writer, folder, config, arch, vocab, result.outtype)
+    factors = llama3_rope_factors(config)
+    if factors is not None:  # written first, so it is also the first tensor's data below
+        writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, factors.dtype,
+                               factors.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
     for name, (gname, shape, qtype) in plan.items():
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype) if qtype == gguf.GGMLQuantizationType.Q8_0 else shape
         dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(qtype, np.uint8)
@@ -210,6 +215,9 @@ def _write(folder: Path, tmp: Path, config: dict[str, Any], arch: str, permute: 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    if factors is not None:
+        writer.write_tensor_data(factors)
+        result.tensors += 1
     done = 0
     heads, kv_heads = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
     for f in files:

@@ -22,8 +22,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlxtune.errors import MlxtuneError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MARKER = "mlxtune-source.json"
 # transformers' names that llama.cpp spells differently in general.architecture
@@ -43,6 +47,49 @@ class GgufHeader:
     @property
     def note(self) -> str:
         return f"the weights are the de-quantized GGUF's ({self.quantization} -> float32), not the original checkpoint's"
+
+
+# Llama 3.1/3.2/3.3's "llama3" rope besides its factor (the same in all of them). llama.cpp stores this rope as
+# a `rope_freqs` tensor, which transformers' GGUF reader ignores: it would read such a model with the default rope.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray | None:
+    """llama.cpp's ``rope_freqs`` for a config.json with the "llama3" rope (None for any other rope): per
+    frequency, the divisor of the default inverse frequency, as llama.cpp's converter computes it (high
+    frequencies kept, low ones divided by ``factor``, a smooth ramp between)."""
+    import numpy as np
+
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    theta = float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    factor, low, high = float(rope.get("factor", 8.0)), float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    context = float(rope.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    ramp = 1 / ((1 - (context / wavelen - low) / (high - low)) / factor + (context / wavelen - low) / (high - low))
+    return np.where(wavelen < context / high, 1.0, np.where(wavelen > context / low, factor, ramp)).astype(np.float32)
+
+
+def rope_from_freqs(path: Path, config: dict) -> dict | None:
+    """The ``rope_parameters`` a GGUF's ``rope_freqs`` tensor stands for (None when it has none): Llama 3's
+    rope with the factor the tensor holds, checked by recomputing the tensor; anything else is refused,
+    since transformers would read the model with the default rope, silently."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    tensor = next((t for t in GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    freqs = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+    theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta") or 10000.0
+    rope = {"rope_type": "llama3", "rope_theta": float(theta), "factor": float(freqs.max()), **LLAMA3_ROPE}
+    want = llama3_rope_factors(config | {"rope_parameters": rope}) if config.get("model_type") == "llama" else None
+    if want is None or want.shape != freqs.shape or not np.allclose(want, freqs, rtol=1e-5):
+        raise MlxtuneError(f"{path}: its rope_freqs tensor is not Llama 3's rope (transformers would ignore it and read the "
+                           "model with the default rope); use the model's Hugging Face-format folder or repo")
+    return rope
 
 
 def gguf_file(spec: str) -> Path:
@@ -185,6 +232,9 @@ def convert(gguf: Path, out: Path, fix_config: Callable[[dict], dict], template_
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    rope = rope_from_freqs(gguf, config.to_dict())
+    if rope is not None:  # the rope is no weight: the rebuilt model computes it from the config
+        config.rope_parameters = rope
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
