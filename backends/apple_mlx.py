@@ -74,7 +74,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from mlxtune.adapters.virtual import VirtualSpec
 from mlxtune.data.batching import mask_union
@@ -82,6 +82,7 @@ from mlxtune.errors import MlxtuneError, OutOfMemory, is_out_of_memory
 from mlxtune.files import atomic_file
 from mlxtune.planning.memory import ce_chunk_rows
 from mlxtune.recipe.schema import VIRTUAL_METHODS
+from mlxtune.training.dist import Dist, Launch, check_launch
 
 from . import AdapterWeights
 from .mlx_adapters import LoraAdapter, MLXAdapter, check_targets
@@ -145,6 +146,36 @@ class MLXBackend(AdapterWeights):
         self._window_pass = 0  # forward passes into the current accumulation window (dropout's seed)
         self._window_finite = True  # every loss of the current accumulation window was finite
         self.compile = _compile_default()
+        self.dist = Dist()  # the launcher's world (setup_distributed)
+
+    # ---------------------------------------------------------------- data parallel
+
+    def setup_distributed(self, launch: Launch) -> Dist:
+        """Join mlx.launch's group (``mx.distributed.init``: ring or MPI, as the launcher set up);
+        gradients are then summed with ``mx.distributed.all_sum`` before clipping (:meth:`_update`)."""
+        check_launch(launch, "mlx")
+        group = mx.distributed.init(strict=True)
+        if launch.size is not None and launch.size != group.size():
+            raise MlxtuneError(f"mlx.launch: MLX_WORLD_SIZE is {launch.size} but mx.distributed.init() joined {group.size()} processes")
+
+        def all_sum(values: list[float]) -> list[float]:
+            return mx.distributed.all_sum(mx.array(values, dtype=mx.float64), stream=mx.cpu).tolist()
+
+        self.dist = Dist(group.rank(), group.size(), all_sum, launch.launcher)
+        return self.dist
+
+    def _sum_gradients(self) -> None:
+        """Sum the accumulated gradients (and the window's finiteness) across ranks, in one buffer."""
+        flat = tree_flatten(self._grads)
+        flag = mx.array([0.0 if self._window_finite else 1.0], dtype=mx.float32)
+        buf = mx.distributed.all_sum(mx.concatenate([g.reshape(-1).astype(mx.float32) for _, g in flat] + [flag]))
+        out, off = [], 0
+        for k, g in flat:
+            out.append((k, buf[off:off + g.size].reshape(g.shape).astype(g.dtype)))
+            off += g.size
+        self._grads = tree_unflatten(out)
+        mx.eval(self._grads, buf)
+        self._window_finite = float(buf[-1]) == 0.0
 
     @property
     def model(self) -> nn.Module:
@@ -162,10 +193,20 @@ class MLXBackend(AdapterWeights):
 
     # ---------------------------------------------------------------- load
 
+    def model_problem(self, model_dir: Path) -> str | None:
+        """Why this backend refuses the model (None: it takes it): the check ``load`` runs first
+        (``backends/mlx_config.py``), for ``validate`` and ``doctor``."""
+        from mlxtune.models.source import read_config
+
+        from .mlx_config import mlx_refusal
+
+        return mlx_refusal(read_config(model_dir), Path(model_dir))
+
     def load(self, model_dir: Path, recipe: Recipe, layers: list[int]) -> None:
         model_dir = Path(model_dir)
         model, model_type, config, quantization = load_base(model_dir, recipe)
-        check_targets(model.model.layers, recipe.adapter.target_modules)
+        if recipe.adapter.method not in VIRTUAL_METHODS:  # prompt/prefix wrap no layer: no targets to check
+            check_targets(model.model.layers, recipe.adapter.target_modules)
         base = {"base_model": str(model_dir), "model_type": model_type, "quantization": quantization}
         adapter = _make_adapter(model, recipe, list(layers), config, base)
         # "auto" is resolved by the planner before load; the recipe refuses it for prefix tuning
@@ -245,7 +286,8 @@ class MLXBackend(AdapterWeights):
         def seeded(*args: Any) -> Any:
             self._window_pass = 0 if self._grads is None else self._window_pass + 1
             done = int(self.optimizer.state["step"].item()) if self.optimizer is not None else 0
-            mx.random.seed(dropout_seed(self.recipe.train.seed if self.recipe else 0, done, self._window_pass))
+            seed = dropout_seed(self.recipe.train.seed if self.recipe else 0, done, self._window_pass)
+            mx.random.seed(seed ^ self.dist.rank)  # each rank its own dropout masks (rank 0: unchanged)
             return step(*args)
 
         return seeded
@@ -279,6 +321,8 @@ class MLXBackend(AdapterWeights):
         when the window's loss or the gradient norm is NaN/inf, drop them without a step, so the
         adapter and the optimizer state stay as they were (``last_grad_norm`` reports the bad
         norm). The norm is measured before the step because the compiled update cannot skip."""
+        if self.dist.size > 1:
+            self._sum_gradients()
         norm = _global_norm(self._grads)
         if self._window_finite and math.isfinite(float(norm)):
             self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
@@ -365,7 +409,9 @@ class MLXBackend(AdapterWeights):
             return [[] for _ in prompts]
         kinds = {type(c).__name__ for c in make_prompt_cache(model)}
         if kinds != {KVCache.__name__}:  # sliding-window or other caches: not checked here
-            raise MlxtuneError(f"mlx backend: generation supports plain KV caches only, this model uses {sorted(kinds)}")
+            raise MlxtuneError(f"mlx backend: generation supports plain KV caches only, this model uses {sorted(kinds)} "
+                               "(sliding-window layers); generate with --backend torch, or train on MLX without "
+                               "eval.metrics and eval.show_examples")
         ids, padding = left_pad(prompts, pad_id)
         was_training = model.training
         model.eval()

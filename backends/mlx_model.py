@@ -36,11 +36,24 @@ def load_base(model_dir: Path, recipe: Recipe) -> tuple[nn.Module, str, dict[str
     except (ValueError, KeyError) as e:
         raise MlxtuneError(f"{model_dir}: mlx-lm cannot load the weights: {e}") from None
     _check_model_args(model.args, cfg, model_dir)
+    check_prompt_tuning(model, model_type, recipe)
+    if not hasattr(model.args, "tie_word_embeddings"):  # Gemma: tied unless the folder has lm_head (mlx-lm drops it)
+        model.args.tie_word_embeddings = getattr(model, "lm_head", None) is None
     model.set_dtype(getattr(mx, recipe.model.dtype))  # the recipe's names are mx dtype names
     config = read_config(model_dir)
     quantization = _quantization(model, config.get("quantization"), recipe, model_dir)
     model.freeze()
     return model, model_type, config, quantization
+
+
+def check_prompt_tuning(model: nn.Module, model_type: str, recipe: Recipe) -> None:
+    """Prompt tuning feeds embeddings to the body (mlx-lm's ``input_embeddings``), which some of
+    mlx-lm's architectures (phi3, starcoder2, olmo2) do not take."""
+    import inspect
+
+    if recipe.adapter.method == "prompt" and "input_embeddings" not in inspect.signature(model.model.__call__).parameters:
+        raise MlxtuneError(f'adapter.method = "prompt": mlx-lm\'s {model_type} takes no input embeddings, so the mlx backend '
+                           'cannot prepend virtual tokens; use adapter.method = "prefix" or --backend torch')
 
 
 def _quantization(model: nn.Module, found: dict[str, Any] | None, recipe: Recipe, model_dir: Path) -> str:

@@ -63,18 +63,24 @@ def load_base(model_dir: Path, recipe: Recipe, dtype: torch.dtype, device: torch
         qc = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
         quant = {"quantization_config": qc, "device_map": {"": device.index or 0}}
-    base = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation="sdpa",
-        trust_remote_code=recipe.model.trust_remote_code, **quant,
-    )
+    kw = dict(dtype=dtype, trust_remote_code=recipe.model.trust_remote_code, **quant)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **kw)
+    except ValueError as e:  # architectures without an SDPA path (Gemma 2's softcapped attention)
+        if "sdpa" not in str(e).lower() and "scaled_dot_product" not in str(e).lower():
+            raise
+        base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", **kw)
     if bits:
         from peft import prepare_model_for_kbit_training
 
         # freezes the base and makes the unquantized rest float32; checkpointing is set below
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     base.config.use_cache = False
-    targets = recipe.adapter.target_modules
-    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})  # bnb's layers subclass Linear
+    # prompt/prefix tuning wraps no layer: its (default) target_modules are not checked
+    targets = [] if recipe.adapter.method in ("prompt", "prefix") else recipe.adapter.target_modules
+    # bnb's layers subclass Linear; GPT-2's projections are transformers' Conv1D (peft adapts both)
+    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+                           if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
     missing = [t for t in targets if t not in linear_names]
     if missing:
         raise MlxtuneError(f"adapter.target_modules: {missing} not found in {model_dir.name}; its linear layers are: {', '.join(linear_names)}")

@@ -30,6 +30,7 @@ from mlxtune.errors import OutOfMemory, is_out_of_memory
 from mlxtune.models.quantization import torch_label
 from mlxtune.planning.memory import ce_chunk_rows
 from mlxtune.recipe.schema import VIRTUAL_METHODS, Recipe
+from mlxtune.training.dist import Dist, Launch, check_launch
 
 from . import AdapterWeights
 from .torch_adapter import TorchAdapter
@@ -55,7 +56,7 @@ def nll_sum(logits: torch.Tensor, tokens: torch.Tensor, masks: list[torch.Tensor
 
 # model types whose causal-LM head is exactly ``lm_head(final hidden states)`` (no logit scaling or
 # soft-capping), so the loss may run the body and the head separately.
-CHUNKED_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+CHUNKED_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "starcoder2", "mixtral", "qwen3_moe")
 
 
 def shifted_rows(hidden: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +133,46 @@ class TorchBackend(AdapterWeights):
         self._window_finite = True  # every loss since the last update was finite
         self.quantization = "none"
         self.adapter: TorchAdapter | None = None  # the recipe's adapter (backends/torch_adapter.py)
+        self.dist = Dist()  # the launcher's world (setup_distributed)
+
+    # -- data parallel (mlxtune/training/dist.py) -----------------------------------------
+    def setup_distributed(self, launch: Launch) -> Dist:
+        """Join torchrun's / accelerate's process group from the environment they set: NCCL on
+        CUDA (one GPU per local rank), gloo elsewhere. Gradients are summed with an explicit
+        all_reduce before clipping (:meth:`_update`), not DDP: the loop already divides by the
+        global token count, so the sum is the one-process gradient."""
+        import torch.distributed as tdist
+
+        check_launch(launch, "torch")
+        cuda = torch.cuda.is_available()
+        if cuda:  # model.device "cuda"/"auto" then means this rank's GPU
+            torch.cuda.set_device(launch.local_rank)
+        if not tdist.is_initialized():
+            # tensors pick their group by device: a CPU run on a CUDA machine still works
+            tdist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        rank, size = tdist.get_rank(), tdist.get_world_size()
+
+        def all_sum(values: list[float]) -> list[float]:
+            t = torch.tensor(values, dtype=torch.float64)
+            tdist.all_reduce(t)
+            return t.tolist()
+
+        self.dist = Dist(rank, size, all_sum, launch.launcher)
+        return self.dist
+
+    def _sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the accumulated gradients (and the window's finiteness) across ranks, in one buffer."""
+        import torch.distributed as tdist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flag = torch.tensor([0.0 if self._window_finite else 1.0], device=grads[0].device)
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [flag])
+        tdist.all_reduce(flat)
+        off = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[off:off + g.numel()].view_as(g).to(g.dtype)
+            off += g.numel()
+        self._window_finite = bool(flat[-1] == 0)
 
     # -- loading --------------------------------------------------------------------
     def load(self, model_dir: Path, recipe: Recipe, layers: list[int]) -> None:
@@ -142,7 +183,7 @@ class TorchBackend(AdapterWeights):
         self.device = pick_device(recipe.model.device)
         self.dtype = DTYPES[recipe.model.dtype]
         check_device(recipe, self.device)
-        torch.manual_seed(recipe.train.seed)
+        torch.manual_seed(recipe.train.seed + self.dist.rank)  # each rank its own dropout masks
         bits = check_model(model_dir, recipe, self.device)
         base = load_base(model_dir, recipe, self.dtype, self.device, bits)
         kind: type[TorchAdapter] = VirtualTorch if recipe.adapter.method in VIRTUAL_METHODS else LoraTorch
@@ -216,6 +257,8 @@ class TorchBackend(AdapterWeights):
         window's loss or the gradient norm is NaN/inf, zero them without a step, so the adapter
         and the optimizer state stay as they were (``last_grad_norm`` reports the bad norm)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.dist.size > 1:
+            self._sum_gradients(params)
         # the norm before clipping; max_norm=inf only measures it
         clip = self.recipe.train.grad_clip if self.recipe.train.grad_clip > 0 else float("inf")
         self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))

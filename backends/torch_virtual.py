@@ -150,5 +150,7 @@ class VirtualTorch:
 
 def check_supported(base: Any, spec: VirtualSpec, chunked: bool) -> None:
     if not chunked:
-        raise MlxtuneError(f"adapter.method = \"{spec.method}\" on the torch backend supports llama, mistral, qwen2 and "
-                           f"qwen3 models (this one is {base.config.model_type!r})")
+        raise MlxtuneError(f"adapter.method = \"{spec.method}\" on the torch backend needs a model whose head is a plain "
+                           f"linear layer with no logit scaling or softcapping, checked by the parity matrix (llama, mistral, "
+                           f"qwen2, qwen3, phi3, olmo2, smollm3, starcoder2, mixtral, qwen3_moe); this one is "
+                           f"{base.config.model_type!r}: use adapter.method = \"lora\"")

@@ -78,8 +78,13 @@ def test_weights_follow_dtype_and_quantization():
     assert 0.49 * bf16 < nf4 < 0.53 * bf16
 
 
-def test_unknown_architecture_is_refused():
-    with pytest.raises(MlxtuneError, match="model_type 'gpt2' is not covered"):
+def test_planner_reads_sizes_not_names():
+    """Any decoder whose config.json names its sizes is planned (GPT-2's n_layer/n_embd/n_head
+    too, once a KeyError); a config without them is refused naming the key."""
+    gpt2 = planner_shape({"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "n_inner": None,
+                          "vocab_size": 50257, "tie_word_embeddings": True})
+    assert (gpt2.layers, gpt2.hidden, gpt2.intermediate, gpt2.heads, gpt2.kv_heads) == (12, 768, 3072, 12, 12)
+    with pytest.raises(MlxtuneError, match="no 'num_attention_heads'"):
         planner_shape({"model_type": "gpt2"}, "x/config.json")
     with pytest.raises(MlxtuneError, match="no 'hidden_size'"):
         planner_shape({"model_type": "llama", "num_attention_heads": 2, "num_hidden_layers": 1})

@@ -16,57 +16,60 @@ if TYPE_CHECKING:
 
 @click.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--tol", default=1e-3, show_default=True, type=float, help="Two runs: absolute tolerance on every loss.")
+@click.option("--tol", default=None, type=float, help="Two runs: absolute tolerance on every loss. Default: from the runs' "
+              "recipes, 1e-3 when both compute in float32, 5e-2 when either uses bf16/fp16 (model.dtype or "
+              "train.autocast), 0.25 when either trains on a quantized base.")
 @click.option("--rtol", default=0.0, show_default=True, type=float, help="Two runs: relative tolerance, added as tol + rtol * |b|.")
 @click.option("--all", "show_all", is_flag=True, help="Two runs: print every train step (default: the first and last 20 when there are more than 50).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the runs' loss curves overlaid to this PNG.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, help="Also write the summary table to this file.")
-def compare_cmd(runs: tuple[str, ...], tol: float, rtol: float, show_all: bool, plot: str | None, markdown_path: str | None) -> None:
+def compare_cmd(runs: tuple[str, ...], tol: float | None, rtol: float, show_all: bool, plot: str | None, markdown_path: str | None) -> None:
     """Compare runs: one summary table (and --plot for overlaid loss curves). With exactly two
-    runs, also step by step: train loss, eval losses, max deviation and a verdict (exit code 0
-    when they AGREE within the tolerance, 1 when they DIFFER)."""
-    from mlxtune.runs.compare import summary_markdown, summary_rows
+    runs, also step by step: what each ran on (backend, machine), train loss, eval losses, max
+    deviation and a verdict (exit code 0 when they AGREE within the tolerance, 1 when they DIFFER).
+    A run directory copied from another machine compares like a local one."""
+    from mlxtune.runs.compare import compare_runs, pair_markdown, pair_names, summary_markdown, summary_rows
 
     rows = summary_rows([Path(r) for r in runs])
     table = summary_markdown(rows)
     click.echo(table)
+    res = None
+    if len(runs) == 2:
+        if (tol is not None and tol < 0) or rtol < 0:
+            raise MlxtuneError("--tol and --rtol must be >= 0")
+        res = compare_runs(runs[0], runs[1], tol=tol, rtol=rtol)
     if markdown_path:
-        Path(markdown_path).write_text(table + "\n", encoding="utf-8")
+        extra = "\n\n" + pair_markdown(res, pair_names(runs[0], runs[1])) if res is not None else ""
+        Path(markdown_path).write_text(table + extra + "\n", encoding="utf-8")
     if plot:
         from mlxtune.runs.plots import loss_plot
 
         if loss_plot({r["run"]: r["events"] for r in rows}, Path(plot)) is None:
             raise MlxtuneError("--plot needs matplotlib: pip install 'mlxtune[eval]'")
         click.echo(f"plot: {plot}")
-    if len(runs) == 2:
-        _compare_two(runs[0], runs[1], tol, rtol, show_all)
+    if res is not None:
+        _compare_two(res, pair_names(runs[0], runs[1]), show_all)
 
 
-def _compare_two(run_a: str, run_b: str, tol: float, rtol: float, show_all: bool) -> None:
+def _compare_two(res: dict[str, Any], names: tuple[str, str], show_all: bool) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    from mlxtune.runs.compare import compare_runs, pair_names, verdict
+    from mlxtune.runs.compare import verdict_text
 
-    if tol < 0 or rtol < 0:
-        raise MlxtuneError("--tol and --rtol must be >= 0")
-    res = compare_runs(run_a, run_b, tol=tol, rtol=rtol)
     console = Console()
-    names = pair_names(run_a, run_b)
+    for side, name in zip("ab", names):  # which hardware and backend each side ran on
+        console.print(f"[bold]{side}[/] ({escape(name)}): {escape(res['sides'][side])}")
     _print_tables(console, res, names, show_all)
     for label, items in zip(names, (res["only_a"], res["only_b"])):
         if items:
             more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
             console.print(f"[yellow]only in {label}:[/] " + ", ".join(items[:5]) + more)
-    n, where, why = verdict(res)
-    if n == 0:
-        console.print("[bold red]DIFFER[/]: the runs have no train or eval step in common")
-        click.get_current_context().exit(1)
-    summary = (f"{n} losses compared; max |diff| {res['max_abs']:.2e} ({where}), max rel {res['max_rel']:.2e}; "
-               f"tolerance {tol:g}" + (f" + {rtol:g} x |b|" if rtol else " absolute"))
+    head, _, rest = verdict_text(res).partition(":")
     if res["agree"]:
-        console.print(f"[bold green]AGREE[/]: {summary}")
+        console.print(f"[bold green]{head}[/]:{escape(rest)}")
         return
-    console.print(f"[bold red]DIFFER[/] ({why}): {summary}")
+    console.print(f"[bold red]DIFFER[/]{escape(head[len('DIFFER'):])}:{escape(rest)}")
     click.get_current_context().exit(1)
 
 

@@ -62,6 +62,10 @@ def run(recipe: str, backend: str | None, overrides: tuple[str, ...], overwrite:
 
     r = load_recipe(recipe, list(overrides))
     run_dir, summary = run_recipe(r, backend, overwrite=overwrite, resume=resume, ui=RichTrainUI(bar=not no_progress))
+    from mlxtune.training.dist import detect_launch
+
+    if detect_launch().rank != 0:  # under a launcher rank 0 alone reports
+        return
     print_summary(summary)
     err_console().print(f"run directory: [bold]{run_dir.path}[/] (adapters/, best/, metrics.jsonl, report.md, loss.png)")
 
@@ -76,11 +80,15 @@ def validate(recipe: str, backend: str | None, overrides: tuple[str, ...]) -> No
 
     from mlxtune.models.quantization import base_bits, mlx_label, torch_label, torch_problem
     from mlxtune.training.backend_choice import resolve_backend
+    from mlxtune.training.session import backend_problem
 
     r = load_recipe(recipe, list(overrides))
     name, _ = resolve_backend(backend or r.backend)
     if name == "torch" and (problem := torch_problem(r)):
         raise MlxtuneError(f"{recipe}: {problem}")
+    model_dir = Path(r.model.path)  # a local folder: the backend's own refusal, as `run` would meet it
+    if (model_dir / "config.json").is_file() and (problem := backend_problem(name, model_dir)):
+        raise MlxtuneError(f"{recipe}: model.path = {r.model.path}: {problem}" + ("; use --backend torch" if name == "mlx" else ""))
     for key in ("train", "eval"):
         value = getattr(r.data, key)
         if value and Path(value).suffix and not Path(r.resolve_path(value)).is_file():

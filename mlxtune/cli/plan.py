@@ -33,6 +33,9 @@ def plan_cmd(recipe: str, budget: str | None, backend: str | None, config_file: 
     from mlxtune.models.quantization import base_bits, mlx_label, torch_label, torch_problem
     from mlxtune.planning.planner import as_written, find_config, plan_recipe
     from mlxtune.training.backend_choice import resolve_backend
+    from pathlib import Path
+
+    from mlxtune.training.session import backend_problem
 
     r = load_recipe(recipe, list(overrides), planning=True)
     name, _ = resolve_backend(backend or r.backend)
@@ -49,6 +52,10 @@ def plan_cmd(recipe: str, budget: str | None, backend: str | None, config_file: 
         console.print("base quantized: " + (mlx_label(bits, r.model.quantize_group_size) if name == "mlx" else torch_label(bits)))
     if name == "torch" and (problem := torch_problem(r)):
         console.print(f"[red bold]cannot run on this machine:[/] {problem}")
+    model_dir = Path(r.model.path)  # a local folder: the backend's own refusal, as `run` would meet it
+    if (model_dir / "config.json").is_file() and (problem := backend_problem(name, model_dir)):
+        console.print(f"[red bold]the {name} backend refuses this model:[/] {problem}")
+        raise SystemExit(1)
     if not plan.fits:
         raise SystemExit(1)
 

@@ -67,7 +67,23 @@ def read_config(model_dir: Path) -> dict:
         raise MlxtuneError(f"{path} is not valid JSON ({e}): re-download or re-convert the model") from None
     if not isinstance(config, dict):
         raise MlxtuneError(f"{path} holds a JSON {type(config).__name__}, not a JSON object: re-download or re-convert the model")
-    return _with_rope_theta(config)
+    return with_size_aliases(_with_rope_theta(config))
+
+
+# GPT-2-style config.json names of the sizes (transformers' attribute_map) -> the standard names
+SIZE_ALIASES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+                "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
+
+
+def with_size_aliases(config: dict) -> dict:
+    """``config`` with the standard size keys filled from GPT-2-style ones (``n_layer``, ...);
+    GPT-2's MLP is 4 x hidden when ``n_inner`` is null."""
+    for alias, key in SIZE_ALIASES.items():
+        if config.get(alias) is not None:
+            config.setdefault(key, config[alias])
+    if "n_embd" in config and config.get("intermediate_size") is None:
+        config["intermediate_size"] = 4 * int(config["n_embd"])
+    return config
 
 
 def model_config(model_dir: Path) -> dict:

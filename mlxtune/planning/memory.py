@@ -18,13 +18,10 @@ import math
 from dataclasses import asdict, dataclass
 
 from mlxtune.adapters.lora import select_layers
-from mlxtune.errors import MlxtuneError
 from mlxtune.models.shape import ModelShape
 from mlxtune.recipe.schema import ALL_PROJECTIONS
 
 CE_CHUNK_BYTES = 32 * 2**20  # float32 logits held at once by the chunked cross-entropy
-# Architectures whose blocks are llama-shaped (separate q/k/v/o, gated MLP): what the model counts.
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -38,12 +35,14 @@ def ce_chunk_rows(vocab_size: int) -> int:
 
 
 def planner_shape(cfg: dict, where: str = "config.json") -> ModelShape:
-    """The model's sizes, for an architecture whose blocks the memory model describes."""
-    mt = cfg.get("model_type", "")
-    if mt not in ARCHITECTURES:
-        raise MlxtuneError(f"{where}: model_type {mt!r} is not covered by the memory planner "
-                           f"(covered: {', '.join(ARCHITECTURES)})")
-    return ModelShape.from_config(cfg, where)
+    """The model's sizes as config.json states them (any decoder whose sizes it names, GPT-2's
+    ``n_layer``/``n_embd``/``n_head`` included). The memory model describes a Llama-style block
+    (q/k/v/o + gated MLP); for other blocks of the same widths it errs on the high side."""
+    from mlxtune.models.source import with_size_aliases
+
+    if cfg.get("text_config"):  # multimodal wrappers (Gemma 3) keep the decoder's sizes there
+        cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
+    return ModelShape.from_config(with_size_aliases(dict(cfg)), where)
 
 
 # ---------------------------------------------------------------- what a step keeps

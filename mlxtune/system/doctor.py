@@ -80,6 +80,13 @@ def _mlx_info() -> dict[str, Any]:
     return info
 
 
+def _distributed() -> str:
+    """The launcher environment this process sees (mlxtune/training/dist.py)."""
+    from mlxtune.training.dist import detect_launch
+
+    return detect_launch().describe()
+
+
 def collect() -> dict[str, Any]:
     """The report as data (the command renders it; tests read it)."""
     from mlxtune import __version__
@@ -98,6 +105,7 @@ def collect() -> dict[str, Any]:
         "torch_devices": _torch_devices(),
         "mlx": _mlx_info(),
         "default_backend": resolve_backend("auto")[0],
+        "distributed": _distributed(),
     }
     warnings = []
     if report["mlx"]["installed"]:

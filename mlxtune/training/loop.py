@@ -20,6 +20,7 @@ from mlxtune.evaluation.metrics import is_better, metric_value
 from mlxtune.evaluation.scoring import evaluate
 from mlxtune.recipe.schema import EvalConfig, TrainConfig
 from mlxtune.runs.rundir import RunDir, read_state
+from mlxtune.training.dist import Dist, shard
 from mlxtune.training.ui import SilentUI, TrainUI
 
 if TYPE_CHECKING:
@@ -44,18 +45,21 @@ class TrainState:
     best_step: int | None = None
     base: dict[str, Any] | None = None  # the base model's eval (eval.before)
     pass_rows: int | None = None  # rows per forward pass, set at the first step, halved on OOM
+    world_size: int = 1  # processes that trained the run (training/dist.py); a resume needs the same
 
     def to_dict(self) -> dict[str, Any]:
         """The state.json keys (``pass_rows`` once the first step set it)."""
         out = {"step": self.step, "total": self.total, "best": self.best, "best_step": self.best_step, "base": self.base}
         if self.pass_rows is not None:
             out["pass_rows"] = self.pass_rows
+        if self.world_size != 1:
+            out["world_size"] = self.world_size
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
         return cls(step=d["step"], total=d.get("total", 0), best=d.get("best"), best_step=d.get("best_step"),
-                   base=d.get("base"), pass_rows=d.get("pass_rows"))
+                   base=d.get("base"), pass_rows=d.get("pass_rows"), world_size=d.get("world_size", 1))
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
@@ -115,20 +119,25 @@ def save_checkpoint(backend: Backend, run: RunDir, state: TrainState, keep: int)
     run.prune_checkpoints(keep)
 
 
-def restore_checkpoint(backend: Backend, run: RunDir) -> TrainState:
+def restore_checkpoint(backend: Backend, run: RunDir, world_size: int = 1) -> TrainState:
     ckpts = run.checkpoints()
     if not ckpts:
         raise MlxtuneError(f"--resume: {run.path} has no checkpoint yet (set train.save_every to write them); use --overwrite to start again")
     _, path = ckpts[-1]
+    state = TrainState.from_dict(read_state(path))
+    if state.world_size != world_size:
+        # a step reads micro_batch x world size rows, so another size would change the data order and the maths
+        raise MlxtuneError(f"--resume: {path} was written by a run of {state.world_size} process(es) and this one has {world_size}; "
+                           f"resume with the same number of processes (e.g. torchrun --nproc-per-node {state.world_size}, "
+                           f"mlx.launch -n {state.world_size}, or no launcher for 1), or --overwrite to start again")
     backend.load_adapter(path / "adapter")
     backend.load_optimizer(path / "optimizer.safetensors")
-    state = TrainState.from_dict(read_state(path))
     run.truncate_metrics(state.step)
     return state
 
 
 def accumulate_step(backend: Backend, micro: list[Batch], denom: int, lr: float, state: TrainState,
-                    cfg: TrainConfig, run: RunDir, step: int) -> float:
+                    cfg: TrainConfig, run: RunDir, step: int, world: int = 1) -> float:
     """One optimizer step: the micro batches as forward passes of at most ``state.pass_rows``
     rows and ``cfg.max_batch_tokens`` tokens, the update after the last pass; returns the NLL sum.
 
@@ -148,6 +157,9 @@ def accumulate_step(backend: Backend, micro: list[Batch], denom: int, lr: float,
             return loss_sum
         except OutOfMemory as e:
             widest = max(len(p.tokens) for p in passes)
+            if world > 1:  # the other ranks wait in the step's all-reduce: a retry on one rank alone would hang
+                raise MlxtuneError(f"out of memory at step {step} in one of {world} processes ({e}); lower train.micro_batch "
+                                   "(or set train.max_batch_tokens / train.grad_checkpointing = true) and start again") from None
             if widest <= 1:
                 raise MlxtuneError(
                     f"out of memory at step {step} with one example per forward pass ({e}); lower data.max_seq_len, "
@@ -162,9 +174,11 @@ class _Training:
     """The steps of one :func:`train` call and what they share."""
 
     def __init__(self, backend: Backend, cfg: TrainConfig, eval_cfg: EvalConfig, run: RunDir, eval_set: list[Batch],
-                 score_fn: ScoreFn, ui: TrainUI, total: int, state: TrainState):
+                 score_fn: ScoreFn, ui: TrainUI, total: int, state: TrainState, dist: Dist):
         self.backend, self.cfg, self.eval_cfg, self.run, self.eval_set = backend, cfg, eval_cfg, run, eval_set
-        self.score_fn, self.ui, self.total, self.state = score_fn, ui, total, state
+        self.score_fn, self.ui, self.total, self.state, self.dist = score_fn, ui, total, state, dist
+        self.stop_requested = False
+        self.sigint: dict[str, bool] = {"stop": False}
         self.last_eval: dict[str, Any] | None = None
         self.trained_tokens = 0
         self.started = time.perf_counter()
@@ -175,8 +189,11 @@ class _Training:
         try:
             with _graceful_sigint() as sigint:
                 for step in range(self.state.step, self.total):
+                    self.sigint = sigint
                     self.one_step(step, stream, epoch_micro)
-                    if sigint["stop"] and self.state.step < self.total:
+                    # several processes stop on the flag they all-reduced, so they stop at the same step
+                    stop = self.stop_requested if self.dist.size > 1 else sigint["stop"]
+                    if stop and self.state.step < self.total:
                         self.interrupt()
         finally:
             self.ui.close()
@@ -187,9 +204,14 @@ class _Training:
         # training by epochs, the last step takes only the micro batches left in the last epoch
         left = cfg.grad_accum if cfg.steps else epoch_micro - step * cfg.grad_accum
         micro = [next(stream) for _ in range(min(cfg.grad_accum, left))]
+        # global micro batches: every rank reads them whole, so denom is the step's global token count
         denom = sum(b.n_targets for b in micro)
         lr = lr_at(step, self.total, cfg)
-        loss_sum = accumulate_step(self.backend, micro, denom, lr, state, cfg, self.run, step + 1)
+        mine = [shard(b, self.dist, int(cfg.micro_batch)) for b in micro]
+        loss_sum = accumulate_step(self.backend, mine, denom, lr, state, cfg, self.run, step + 1, self.dist.size)
+        if self.dist.size > 1:  # the global loss; a Ctrl-C on any rank stops all of them at the same step
+            loss_sum, stops = self.dist.sum([loss_sum, float(self.sigint["stop"])])
+            self.stop_requested = stops > 0
         dt = time.perf_counter() - t0
         self.trained_tokens += denom
         loss = loss_sum / max(denom, 1)
@@ -207,7 +229,7 @@ class _Training:
             })
         if self.eval_set and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == self.total):
             self.last_eval = self.run_eval(state.step)
-        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.total:
+        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.total and self.dist.main:
             save_checkpoint(self.backend, self.run, state, cfg.keep_checkpoints)
         self.ui.step(state.step, loss, denom / dt, self.last_eval["loss"] if self.last_eval else None)
 
@@ -234,6 +256,8 @@ class _Training:
         value = metric_value(ev, name)
         if value is not None and is_better(name, value, self.state.best):
             self.state.best, self.state.best_step = value, step
+            if not self.dist.main:
+                return ev
             with self.run.best_dir({"step": step, "metric": name, "value": value, **ev},
                                    need=lambda: adapter_bytes(self.backend)) as tmp:
                 self.backend.save_adapter(tmp / "adapter")
@@ -241,15 +265,17 @@ class _Training:
 
     def interrupt(self) -> None:
         """Ctrl-C: checkpoint the finished steps and stop."""
-        save_checkpoint(self.backend, self.run, self.state, self.cfg.keep_checkpoints)
+        if self.dist.main:
+            save_checkpoint(self.backend, self.run, self.state, self.cfg.keep_checkpoints)
         self.run.log({"event": "interrupted", "step": self.state.step, "time": time.time()})
         raise Interrupted(f"interrupted at step {self.state.step}/{self.total}; checkpoint saved in "
                           f"{self.run.path / 'checkpoints'}; continue with --resume")
 
     def finish(self) -> dict[str, Any]:
         """Save the final adapter, log the end event; returns the summary."""
-        with self.run.final_dir(need=lambda: adapter_bytes(self.backend)) as tmp:
-            self.backend.save_adapter(tmp)
+        if self.dist.main:
+            with self.run.final_dir(need=lambda: adapter_bytes(self.backend)) as tmp:
+                self.backend.save_adapter(tmp)
         elapsed = time.perf_counter() - self.started
         summary = {
             "steps": self.total, "base": self.state.base, "final": self.last_eval, "best_step": self.state.best_step,
@@ -267,31 +293,34 @@ def _json_number(x: float | None) -> float | str | None:
 
 def train(backend: Backend, train_examples: list[Example], eval_set: list[Batch], cfg: TrainConfig,
           eval_cfg: EvalConfig, run: RunDir, pad_id: int, resume: bool = False, ui: TrainUI | None = None,
-          score_fn: ScoreFn | None = None) -> dict[str, Any]:
+          score_fn: ScoreFn | None = None, dist: Dist | None = None) -> dict[str, Any]:
     """Train the backend's adapter; returns the summary (base and final eval, best step, speed).
 
     ``score_fn(adapter, step)`` replaces the loss-only eval when given: it returns the losses
     plus the recipe's generation metrics (see :mod:`mlxtune.evaluation.scoring`), and ``best/`` is
     chosen by any of them (``eval_cfg.best_metric``). Steps are reported to ``ui`` (default:
-    none).
+    none). Under a launcher ``dist`` says this process's rank and the world size
+    (:mod:`mlxtune.training.dist`): each step then reads ``micro_batch x size`` rows per micro batch.
     """
     ui = ui or SilentUI()
+    dist = dist or Dist()
+    rows = int(cfg.micro_batch) * dist.size  # a global micro batch
     if score_fn is None:
         def score_fn(adapter: bool, step: int) -> dict[str, Any]:
             return evaluate(backend, eval_set, adapter=adapter)
 
-    total = total_steps(len(train_examples), cfg.micro_batch, cfg.grad_accum, cfg.epochs, cfg.steps)
-    epoch_micro = math.ceil(cfg.epochs * batches_per_epoch(len(train_examples), cfg.micro_batch))
-    state = TrainState(total=total)
+    total = total_steps(len(train_examples), rows, cfg.grad_accum, cfg.epochs, cfg.steps)
+    epoch_micro = math.ceil(cfg.epochs * batches_per_epoch(len(train_examples), rows))
+    state = TrainState(total=total, world_size=dist.size)
     if resume:
-        state = restore_checkpoint(backend, run)
+        state = restore_checkpoint(backend, run, dist.size)
         run.log({"event": "resume", "step": state.step, "time": time.time()})
-    stream = train_stream(train_examples, cfg.micro_batch, cfg.seed, cfg.bucket, pad_id, skip=state.step * cfg.grad_accum)
+    stream = train_stream(train_examples, rows, cfg.seed, cfg.bucket, pad_id, skip=state.step * cfg.grad_accum)
 
     if eval_cfg.before and state.base is None and eval_set:
         state.base = score_fn(False, 0)
         run.log({"event": "eval", "step": 0, "adapter": False, **state.base})
 
-    training = _Training(backend, cfg, eval_cfg, run, eval_set, score_fn, ui, total, state)
+    training = _Training(backend, cfg, eval_cfg, run, eval_set, score_fn, ui, total, state, dist)
     training.run_steps(stream, epoch_micro)
     return training.finish()

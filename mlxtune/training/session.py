@@ -7,6 +7,7 @@ summary it returns.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from mlxtune.runs.rundir import RunDir, run_lock, split_events
 from mlxtune.runs.trackers import Trackers
 from mlxtune.training import loop
 from mlxtune.training.backend_choice import backend_message, resolve_backend
+from mlxtune.training.dist import Dist, FollowerRunDir, Launch, check_launch, detect_launch
 from mlxtune.training.ui import SilentUI, TrainUI
 
 
@@ -61,8 +63,18 @@ def backend_class(name: str) -> str:
     return f"{type(backend).__module__}.{type(backend).__name__}"
 
 
-def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe):
-    """The backend with the recipe's adapter in place, initialised from the core's weights."""
+def backend_problem(name: str, model_dir: Path) -> str | None:
+    """Why backend ``name`` refuses the model in ``model_dir``, naming the feature (None: it takes
+    it): the same check its ``load`` runs first, for ``validate``, ``plan`` and ``doctor``."""
+    from backends import load_backend
+
+    check = getattr(load_backend(name), "model_problem", None)
+    return check(model_dir) if check else None
+
+
+def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe, launch: Launch | None = None):
+    """The backend with the recipe's adapter in place, initialised from the core's weights. With
+    a launcher's ``launch``, the backend joins its process group first (``backend.dist``: a Dist)."""
     from backends import load_backend
 
     from mlxtune.models.source import check_weights, model_config, read_config
@@ -70,6 +82,7 @@ def load_backend_with_adapter(name: str, model_dir: Path, recipe: Recipe):
     layers = select_layers(model_config(model_dir)["num_hidden_layers"], recipe.adapter.layers)
     check_weights(model_dir)
     backend = load_backend(name)
+    backend.dist = backend.setup_distributed(launch) if launch is not None and launch.launcher else Dist()
     backend.load(model_dir, recipe, layers)
     if recipe.adapter.method in ("prompt", "prefix"):  # virtual tokens: shapes from config.json (mlxtune/adapters/virtual.py)
         from mlxtune.adapters.virtual import initial_weights
@@ -100,19 +113,22 @@ def run(recipe: Recipe, backend_name: str | None = None, overwrite: bool = False
     """Train the recipe into its run directory; returns it and the loop's summary (the command
     prints the summary: ``mlxtune.cli.ui.print_summary``). Notes go to ``ui`` (default: none).
     The run directory's lock is held throughout: a second run, resume or eval of it meanwhile is
-    refused."""
-    with run_lock(Path(recipe.output.dir) / recipe.run_name):
-        return _run_locked(recipe, backend_name, overwrite, resume, ui)
+    refused. Under a launcher (mlxtune/training/dist.py) rank 0 alone takes the lock and writes."""
+    launch = detect_launch()
+    with run_lock(Path(recipe.output.dir) / recipe.run_name) if launch.rank == 0 else nullcontext():
+        return _run_locked(recipe, backend_name, overwrite, resume, ui if launch.rank == 0 else None, launch)
 
 
 def _run_locked(recipe: Recipe, backend_name: str | None, overwrite: bool, resume: bool,
-                ui: TrainUI | None) -> tuple[RunDir, dict[str, Any]]:
+                ui: TrainUI | None, launch: Launch) -> tuple[RunDir, dict[str, Any]]:
     ui = ui or SilentUI()
     name, note = resolve_backend(backend_name or recipe.backend)
     if note:
         ui.message(backend_message(name, note))
+    check_launch(launch, name)
     target = Path(recipe.output.dir) / recipe.run_name
-    RunDir.check(target, overwrite=overwrite, resume=resume)
+    if launch.rank == 0:
+        RunDir.check(target, overwrite=overwrite, resume=resume)
     model_dir, tokenizer, data = prepare(recipe)
     stats = {k: s.summary() for k, s in data.stats.items()}
     ui.message(f"data: {stats['train']['examples']} train / {stats['eval']['examples']} eval examples, "
@@ -120,26 +136,35 @@ def _run_locked(recipe: Recipe, backend_name: str | None, overwrite: bool, resum
                + (f", {stats['train']['overlong'] + stats['eval']['overlong']} over max_seq_len ({recipe.data.overlong})" if stats['train']['overlong'] + stats['eval']['overlong'] else ""))
     recipe = plan_batches(recipe, name, model_dir, data, ui)
     check_steps(len(data.train), recipe)
-    backend = load_backend_with_adapter(name, model_dir, recipe)
+    backend = load_backend_with_adapter(name, model_dir, recipe, launch)
     backend.setup_optimizer(recipe)
-    run_dir = RunDir.create(target, overwrite=overwrite, resume=resume)
+    dist: Dist = backend.dist
+    run_dir = RunDir.create(target, overwrite=overwrite, resume=resume) if dist.main else FollowerRunDir(target)
+    if dist.size > 1:
+        dist.barrier()  # the other ranks read the run directory (--resume) only once rank 0 has set it up
+        ui.message(f"data parallel: {dist.launcher}, {dist.size} processes; each micro batch is {recipe.train.micro_batch} x {dist.size} "
+                   f"= {int(recipe.train.micro_batch) * dist.size} rows, split across them (rank 0 writes the run directory)")
     info = backend.describe()
     if source_note(model_dir):  # a GGUF base: the weights are its de-quantized ones
         ui.message(f"note: {source_note(model_dir)}")
     ui.message("model: " + str(model_dir) + f"; trainable parameters: {backend.trainable_parameters():,}; " + ", ".join(f"{k} {v}" for k, v in info.items()))
     if not resume:
         run_dir.write_recipe(recipe.to_dict() | {"backend": name})
-        run_dir.log({"event": "start", "step": 0, "backend": info, "model_dir": str(model_dir), "data": stats,
+        from mlxtune.runs.machine import machine  # what it ran on, for `mlxtune compare` across machines
+
+        run_dir.log({"event": "start", "step": 0, "backend": info, "machine": machine(), "model_dir": str(model_dir), "data": stats,
                      "trainable_parameters": backend.trainable_parameters()})
     pad = pad_id(tokenizer)
     eval_set = eval_batches(data.eval, recipe.eval.batch_size, pad)
     # output.report_to: the trackers get every event RunDir.log writes, and are closed however the run ends
-    with Trackers(recipe.output.report_to, run_dir.path, recipe.run_name, recipe.to_dict() | {"backend": name}) as trackers:
+    with Trackers(recipe.output.report_to if dist.main else [], run_dir.path, recipe.run_name, recipe.to_dict() | {"backend": name}) as trackers:
         run_dir.listeners.append(trackers)
         summary = loop.train(backend, data.train, eval_set, recipe.train, recipe.eval, run_dir, pad, resume=resume,
-                             ui=ui, score_fn=make_score_fn(backend, tokenizer, eval_set, data, recipe, run_dir, ui))
+                             ui=ui, score_fn=make_score_fn(backend, tokenizer, eval_set, data, recipe, run_dir, ui), dist=dist)
     if resume and summary["base"] is None:
         summary["base"] = split_events(run_dir.events())[1]
+    if not dist.main:
+        return run_dir, summary
     if recipe.eval.show_examples and data.eval_records:
         from mlxtune.evaluation.scoring import side_by_side
 

@@ -1,0 +1,150 @@
+"""Data parallelism under a launcher: what the environment says, and the :class:`Dist` the loop uses.
+
+The launchers start the processes; mlxtune only reads what they set: ``WORLD_SIZE``/``RANK``/
+``LOCAL_RANK`` (torchrun, ``accelerate launch``, multi-node included) for the torch backend, and
+``MLX_RANK`` (``mlx.launch``; the size is ``mx.distributed.init()``'s) for the MLX backend. A
+launcher environment is never ignored: a backend that cannot use it is refused.
+
+The maths: each optimizer step's micro batches are read as *global* micro batches of
+``micro_batch x world size`` rows (the same data order as one process with that micro batch),
+and rank r trains rows ``[r*m, (r+1)*m)`` of each; every rank reads the whole global batch, so
+the step's denominator (its target-token count) is the global one on every rank without
+communication; gradients are summed across ranks before clipping and AdamW; the logged loss is
+the all-reduced NLL sum over that denominator. Rank 0 alone writes the run directory
+(:class:`FollowerRunDir` for the others).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlxtune.data.batching import Batch
+from mlxtune.errors import MlxtuneError
+from mlxtune.runs.rundir import RunDir
+
+TORCHRUN, MLX_LAUNCH = "torchrun", "mlx.launch"
+LAUNCHER_BACKEND = {TORCHRUN: "torch", MLX_LAUNCH: "mlx"}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The launcher environment of this process (``launcher`` None: started by hand)."""
+
+    launcher: str | None = None
+    rank: int = 0
+    size: int | None = 1  # None: only the framework knows (mlx.launch)
+    local_rank: int = 0
+
+    def describe(self) -> str:
+        if self.launcher is None:
+            return "single process (no WORLD_SIZE/RANK or MLX_RANK in the environment)"
+        size = "?" if self.size is None else str(self.size)
+        return f"{self.launcher}: rank {self.rank} of {size} (local rank {self.local_rank})"
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise MlxtuneError(f"environment: {key}={env[key]!r} is not an integer; unset it or start the run with its launcher") from None
+
+
+def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
+    """The launcher environment: torchrun/accelerate's WORLD_SIZE, RANK, LOCAL_RANK, or mlx.launch's MLX_RANK."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env and _int(env, "WORLD_SIZE") > 1:
+        return Launch(TORCHRUN, _int(env, "RANK") if "RANK" in env else 0, _int(env, "WORLD_SIZE"),
+                      _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0)
+    if "MLX_RANK" in env:
+        return Launch(MLX_LAUNCH, _int(env, "MLX_RANK"), _int(env, "MLX_WORLD_SIZE") if "MLX_WORLD_SIZE" in env else None)
+    return Launch()
+
+
+def check_launch(launch: Launch, backend: str) -> None:
+    """Refuse a backend that cannot use the launcher's processes (they would train alone, each)."""
+    wanted = LAUNCHER_BACKEND.get(launch.launcher or "")
+    if wanted is None or wanted == backend:
+        return
+    how = ("mlx.launch -n N --backend ring -- python -m mlxtune run R --backend mlx (the `--` keeps mlx.launch from taking --backend; or set backend = \"mlx\" in the recipe)"
+           if wanted == "mlx" else "torchrun --nproc-per-node N -m mlxtune run R --backend torch")
+    raise MlxtuneError(f"backend: this process was started by {launch.describe()}, which only the {wanted} backend can use, "
+                       f"but the run's backend is {backend}; start it as `{how}`")
+
+
+@dataclass
+class Dist:
+    """The world the loop trains in: its rank, size, and a sum of a few floats across ranks."""
+
+    rank: int = 0
+    size: int = 1
+    all_sum: Callable[[list[float]], list[float]] | None = field(default=None, repr=False)
+    launcher: str | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.size == 1 or self.all_sum is None:
+            return list(values)
+        return list(self.all_sum(list(values)))
+
+    def barrier(self) -> None:
+        self.sum([0.0])
+
+
+def shard(batch: Batch, dist: Dist, rows: int) -> Batch:
+    """Rank ``dist.rank``'s rows ``[rank*rows, (rank+1)*rows)`` of a global micro batch. A rank left
+    without rows (a short last batch) gets one row with no targets: it then adds zero loss and
+    zero gradient, but still takes part in the step's all-reduce."""
+    if dist.size == 1:
+        return batch
+    lo = dist.rank * rows
+    if lo >= len(batch.tokens):
+        return Batch(batch.tokens[:1], np.zeros_like(batch.mask[:1]), np.zeros_like(batch.full_mask[:1]), batch.epoch)
+    sl = slice(lo, lo + rows)
+    return Batch(batch.tokens[sl], batch.mask[sl], batch.full_mask[sl], batch.epoch)
+
+
+class FollowerRunDir(RunDir):
+    """The run directory as ranks other than 0 see it: read (checkpoints to resume from), never
+    written. Weight folders go to a scratch folder that is deleted at once."""
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.path / name
+
+    def log(self, event: dict[str, Any]) -> None:
+        return None
+
+    def truncate_metrics(self, after_step: int) -> None:
+        return None
+
+    def append_eval(self, row: dict[str, Any]) -> None:
+        return None
+
+    def write_generations(self, name: str, rows: list[dict[str, Any]]) -> Path:
+        return self.path / name
+
+    def prune_checkpoints(self, keep: int) -> None:
+        return None
+
+    def recover(self) -> None:
+        return None
+
+    @contextmanager
+    def atomic_dir(self, rel: str, need: Callable[[], int] | None = None) -> Iterator[Path]:
+        import shutil
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="mlxtune-rank-"))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
