@@ -203,3 +203,26 @@ def ragged_batches(seed, n, vocab, b=2, lens=(9, 13, 7, 11)):
             mask[r, length // 2:length] = True
         out.append((tokens, mask))
     return out
+
+
+def make_run(root, model_dir, backend, extra=()):
+    """A tiny trained run in ``root``/runs/tiny whose adapter clearly moves the replies (tests of generate and chat)."""
+    from mlxtune.recipe.loading import load_recipe
+    from mlxtune.training.session import run
+
+    write_jsonl(root / "train.jsonl", TINY_RECORDS * 4)
+    text = TINY_RECIPE_HEAD.format(model=model_dir) + f'\n[output]\ndir = "{root / "runs"}"\nname = "tiny"\n'
+    (root / "recipe.toml").write_text(text)
+    r = load_recipe(root / "recipe.toml", ["adapter.dropout=0.0", "train.steps=200", "train.eval_every=200", "train.lr=1e-2",
+                                           "train.warmup_steps=0", "train.micro_batch=4", "train.grad_accum=1",
+                                           "eval.before=false", *extra])
+    run_dir, _ = run(r, backend)
+    return run_dir.path
+
+
+@pytest.fixture(scope="module", params=["torch", "mlx"])
+def trained(request, tmp_path_factory, tiny_model_dir):
+    backend = request.param
+    if backend == "mlx":
+        pytest.importorskip("mlx")
+    return backend, make_run(tmp_path_factory.mktemp(f"run-{backend}"), tiny_model_dir, backend)

@@ -12,19 +12,10 @@ from mlxtune.cli.main import cli
 from mlxtune.recipe.loading import load_recipe
 
 from conftest import TINY_RECIPE_HEAD, TINY_RECORDS, write_jsonl
-from test_generate_cmd import make_run
 
 
 def chat(*args, input):
     return CliRunner().invoke(cli, ["chat", *map(str, args)], input=input)
-
-
-@pytest.fixture(scope="module", params=["torch", "mlx"])
-def trained(request, tmp_path_factory, tiny_model_dir):
-    backend = request.param
-    if backend == "mlx":
-        pytest.importorskip("mlx")
-    return backend, make_run(tmp_path_factory.mktemp(f"chat-{backend}"), tiny_model_dir, backend)
 
 
 def expected(run, backend, conversations, adapter):

@@ -20,7 +20,7 @@ from typing import Any
 from mlxtune.adapters.lora import MLX_DIR, PEFT_DIR, LoraSpec, load_lora_folder, write_mlx_lm, write_peft
 from mlxtune.errors import MlxtuneError
 from mlxtune.export.merge import (_SKIP_NAMES, _SKIP_SUFFIXES, _dequantizer, _replace, _weight_files, adapted_modules,
-                                  adapter_folder, run_recipe)
+                                  export_source)
 from mlxtune.models import safetensors_io as st
 from mlxtune.recipe.schema import Recipe
 from mlxtune.runs.rundir import locked_if_run
@@ -101,7 +101,7 @@ def export_adapter(run: str | Path, out: str | Path, fmt: str, adapter: str | No
                    overwrite: bool = False) -> AdapterExport:
     """Write the run's adapter (``adapter``: best, final or a folder) into folder ``out`` in
     ``fmt``: "peft" (the adapter folder itself) or "mlx" (``out/adapter`` + ``out/base`` + README.txt)."""
-    from mlxtune.models.source import check_weights, model_config, resolve_model
+    from mlxtune.models.source import check_weights, model_config
 
     run, out = Path(run), Path(out)
     if fmt not in ("peft", "mlx"):
@@ -109,12 +109,8 @@ def export_adapter(run: str | Path, out: str | Path, fmt: str, adapter: str | No
     if out.exists() and not overwrite:
         raise MlxtuneError(f"{out}: already exists; choose another output name or pass --overwrite")
     with locked_if_run(run):
-        recipe = run_recipe(run)
-        path = adapter_folder(run, adapter)
+        recipe, path, model_dir = export_source(run, out, adapter)
         mlx_src = _mlx_source(path, recipe) if fmt == "mlx" else None
-        model_dir = Path(resolve_model(recipe.model.path, recipe.model.revision, recipe.model.trust_remote_code))
-        if out.resolve() in (run.resolve(), path.resolve(), model_dir.resolve()):
-            raise MlxtuneError(f"{out}: that is the run, its adapter or its base model folder; export into a new folder")
         config = model_config(model_dir)
         check_weights(model_dir)
         result = AdapterExport(out, path, recipe.adapter.method, fmt, "copied")

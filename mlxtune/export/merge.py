@@ -84,6 +84,19 @@ def adapter_folder(run: Path, choice: str | None) -> Path:
     return path
 
 
+def export_source(run: Path, out: Path, adapter: str | None) -> tuple[Recipe, Path, Path]:
+    """(the run's recipe, the adapter folder ``adapter`` names, the base model folder) of an export into
+    ``out``, refusing an ``out`` that is one of them (the export would replace what it reads)."""
+    from mlxtune.models.source import resolve_model
+
+    recipe = run_recipe(run)
+    path = adapter_folder(run, adapter)
+    model_dir = Path(resolve_model(recipe.model.path, recipe.model.revision, recipe.model.trust_remote_code))
+    if out.resolve() in (run.resolve(), path.resolve(), model_dir.resolve()):
+        raise MlxtuneError(f"{out}: that is the run, its adapter or its base model folder; export into a new folder")
+    return recipe, path, model_dir
+
+
 def refuse_virtual(recipe: Recipe, adapter: Path) -> None:
     """Prompt and prefix tuning add tokens / key-value prefixes, not a weight delta: nothing to fold in."""
     method = recipe.adapter.method
@@ -135,7 +148,7 @@ def export_merged(run: str | Path, out: str | Path, dtype: str | None = None, ad
     """Fold the run's adapter (``adapter``: best, final or a folder; see :func:`adapter_folder`)
     into the base weights and write the Hugging Face folder ``out`` in ``dtype`` (default: the
     base's). ``progress(done, total)`` is called in bytes of base weights processed."""
-    from mlxtune.models.source import check_weights, model_config, resolve_model
+    from mlxtune.models.source import check_weights, model_config
 
     run, out = Path(run), Path(out)
     if dtype is not None and dtype not in DTYPES:
@@ -143,12 +156,8 @@ def export_merged(run: str | Path, out: str | Path, dtype: str | None = None, ad
     if out.exists() and not overwrite:
         raise MlxtuneError(f"{out}: already exists; choose another output name or pass --overwrite")
     with locked_if_run(run):
-        recipe = run_recipe(run)
-        path = adapter_folder(run, adapter)
+        recipe, path, model_dir = export_source(run, out, adapter)
         refuse_virtual(recipe, path)
-        model_dir = resolve_model(recipe.model.path, recipe.model.revision, recipe.model.trust_remote_code)
-        if out.resolve() in (run.resolve(), path.resolve(), Path(model_dir).resolve()):
-            raise MlxtuneError(f"{out}: that is the run, its adapter or its base model folder; export into a new folder")
         config = model_config(model_dir)
         # mlx-lm writes its "quantization" also as "quantization_config"; transformers' methods write only the latter
         mode = config["quantization"].get("mode", "affine") if "quantization" in config else stated_quantization(config, model_dir)
