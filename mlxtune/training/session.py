@@ -145,8 +145,8 @@ def _run_locked(recipe: Recipe, backend_name: str | None, overwrite: bool, resum
         ui.message(f"data parallel: {dist.launcher}, {dist.size} processes; each micro batch is {recipe.train.micro_batch} x {dist.size} "
                    f"= {int(recipe.train.micro_batch) * dist.size} rows, split across them (rank 0 writes the run directory)")
     info = backend.describe()
-    if source_note(model_dir):  # a GGUF base: the weights are its de-quantized ones
-        ui.message(f"note: {source_note(model_dir)}")
+    if gguf_note := source_note(model_dir):  # a GGUF base: the weights are its de-quantized ones
+        ui.message(f"note: {gguf_note}")
     ui.message("model: " + str(model_dir) + f"; trainable parameters: {backend.trainable_parameters():,}; " + ", ".join(f"{k} {v}" for k, v in info.items()))
     if not resume:
         run_dir.write_recipe(recipe.to_dict() | {"backend": name})
