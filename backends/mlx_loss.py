@@ -74,7 +74,10 @@ def _head_rows(model: nn.Module, ids: mx.array) -> mx.array:
 
 def _loss(model: nn.Module, hidden: Hidden, inputs: mx.array, rows: mx.array, targets: mx.array, weights: mx.array,
           inv_denom: mx.array, chunk: int):
-    """(sum(NLL * weights) * inv_denom, sum(NLL * weights)) with a chunked cross-entropy.
+    """(sum(NLL * weights) * inv_denom, NLL * weights per target row) with a chunked cross-entropy.
+
+    The rows' NLLs go back (not their float32 sum) so that the host adds them in float64: the
+    logged loss then does not depend on how a step's rows are split into passes or ranks.
 
     The head is frozen, so each chunk's gradient with respect to its hidden states is formed
     where its logits are: ``(softmax @ W - W[target]) * weight`` (the head's vjp of the softmax,
@@ -86,12 +89,14 @@ def _loss(model: nn.Module, hidden: Hidden, inputs: mx.array, rows: mx.array, ta
     h = _rows(model, hidden, inputs, rows)
     head, d = _head(model), h.shape[-1]
     hs = mx.stop_gradient(h)
-    nll, grads, prev = [], [], None
+    nll, rows_nll, grads, prev = [], [], [], None
     for s in range(0, h.shape[0], chunk):
         hc, t, w = hs[s:s + chunk], targets[s:s + chunk], weights[s:s + chunk]
         if prev is not None:
             hc = hc + (0 * prev).astype(hc.dtype)
         logits = head(hc).astype(mx.float32)
+        # (one exp for both the log-sum-exp and the softmax is ~25% faster on MLX's CPU, but moved the
+        # 2-rank vs 1-process adapter difference from 8.5e-7 to 2.4e-6: not taken)
         lse = mx.logsumexp(logits, axis=-1, keepdims=True)
         ce = (lse[:, 0] - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]) * w
         _, (dh,) = mx.vjp(head, [hc], [mx.exp(logits - lse).astype(hc.dtype)])
@@ -99,8 +104,9 @@ def _loss(model: nn.Module, hidden: Hidden, inputs: mx.array, rows: mx.array, ta
         packed = mx.concatenate([dh.reshape(-1), ce.sum()[None]])
         prev = packed[-1]
         nll.append(prev)
+        rows_nll.append(ce)
         grads.append(packed[:-1].reshape(-1, d))
     total = mx.stack(nll).sum()
     carrier = (h * mx.stop_gradient(mx.concatenate(grads)).astype(h.dtype)).sum()
     value = total + (carrier - mx.stop_gradient(carrier)).astype(mx.float32)
-    return value * inv_denom, total
+    return value * inv_denom, mx.concatenate(rows_nll)

@@ -34,6 +34,7 @@ from mlxtune.training.dist import Dist, Launch, check_launch
 
 from . import AdapterWeights
 from .torch_adapter import TorchAdapter
+from .torch_fsdp import base_bytes, gathered, shard_base
 from .torch_lora import LoraTorch
 from .torch_model import DTYPES, attach_peft, check_device, check_model, load_base, pick_device
 from .torch_virtual import VirtualTorch
@@ -110,6 +111,17 @@ def chunked_nll_rows(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def bf16_frozen_linears(model: torch.nn.Module, head: torch.nn.Module | None) -> None:
+    """``train.autocast = "bfloat16"``: the frozen linear weights of the blocks stored in bf16.
+    Autocast recasts a frozen float32 weight on every use (its cache keeps trainable leaves
+    only); stored in bf16 the matmul runs as it would anyway, without the copy. Embeddings,
+    norms and the head (often the tied embedding) keep float32, so the residual stream and
+    the logits stay float32; adapter parameters (trainable) are not touched."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not head and not any(p.requires_grad for p in m.parameters()):
+            m.to(torch.bfloat16)
+
+
 def adamw_impl(choice: str, device: torch.device) -> str:
     """``train.adamw_impl`` resolved: ``auto`` is fused on CUDA, foreach elsewhere.
 
@@ -134,6 +146,7 @@ class TorchBackend(AdapterWeights):
         self.quantization = "none"
         self.adapter: TorchAdapter | None = None  # the recipe's adapter (backends/torch_adapter.py)
         self.dist = Dist()  # the launcher's world (setup_distributed)
+        self._root = None  # train.shard_base: the FSDP2 root the model runs through (backends/torch_fsdp.py)
 
     # -- data parallel (mlxtune/training/dist.py) -----------------------------------------
     def setup_distributed(self, launch: Launch) -> Dist:
@@ -190,7 +203,8 @@ class TorchBackend(AdapterWeights):
         config = kind.peft_config(base, recipe.adapter, layers)
         # "auto" is resolved by the planner before load
         self.model = attach_peft(base, config, recipe.train.grad_checkpointing is True)
-        if not bits:  # a bitsandbytes model is placed by its device_map
+        shard = recipe.train.shard_base and self.dist.size > 1  # its limits: Recipe.check_shard_base
+        if not bits and not shard:  # a bitsandbytes model is placed by its device_map, a sharded one by FSDP2
             self.model = self.model.to(self.device)
         self.quantization = torch_label(bits)
         # the loss runs body and head apart (chunked cross-entropy) where the head is a plain linear
@@ -198,6 +212,11 @@ class TorchBackend(AdapterWeights):
         self._head = base.get_output_embeddings() if chunked else None
         self._ce_rows = ce_chunk_rows(base.config.vocab_size)
         self.adapter = kind.attach(self.model, recipe.adapter, chunked, self.device)
+        if recipe.train.autocast == "bfloat16" and self.dtype == torch.float32 and not bits and not shard:
+            bf16_frozen_linears(self.model, base.get_output_embeddings())
+        if shard:  # only this rank's shards reach the device; then the adapter, whole
+            self._root = shard_base(self.model, self.device, self.dist.size)
+            self.model.to(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
@@ -234,11 +253,7 @@ class TorchBackend(AdapterWeights):
         tok = self._tensor(tokens).long()
         try:
             with self._autocast():
-                if self._head is None:
-                    (loss_sum,) = nll_sum(self.model(input_ids=tok).logits, tok, [self._tensor(mask)])
-                else:
-                    h, t = shifted_rows(self._hidden(tok), tok, self._tensor(mask))
-                    loss_sum = ChunkedNLL.apply(h, self._head.weight, self._head.bias, t, self._ce_rows)
+                loss_sum = self._through_root(self._loss_sum, tok, mask)
             (loss_sum / denom).backward()
         except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is a RuntimeError too
             if not is_out_of_memory(e):
@@ -251,6 +266,17 @@ class TorchBackend(AdapterWeights):
         if update:
             self._update(lr)
         return loss
+
+    def _through_root(self, fn: Callable, *args):
+        """``fn(*args)``; with ``train.shard_base`` inside the FSDP2 root's forward (the base's
+        non-block weights gathered meanwhile)."""
+        return fn(*args) if self._root is None else self._root(fn, *args)
+
+    def _loss_sum(self, tok: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+        if self._head is None:
+            return nll_sum(self.model(input_ids=tok).logits, tok, [self._tensor(mask)])[0]
+        h, t = shifted_rows(self._hidden(tok), tok, self._tensor(mask))
+        return ChunkedNLL.apply(h, self._head.weight, self._head.bias, t, self._ce_rows)
 
     def _update(self, lr: float) -> None:
         """Clip and take the AdamW step over the accumulated gradients, then zero them; when the
@@ -273,15 +299,18 @@ class TorchBackend(AdapterWeights):
     def eval_step(self, tokens: np.ndarray, masks: dict[str, np.ndarray], adapter: bool = True) -> dict[str, float]:
         self.model.eval()
         tok = self._tensor(tokens).long()
-        names = list(masks)
         with nullcontext() if adapter else self.adapter.disabled(), self._autocast():
-            if self._head is None:
-                sums = nll_sum(self.model(input_ids=tok).logits, tok, [self._tensor(masks[n]) for n in names])
-                return {n: float(s) for n, s in zip(names, sums)}
-            # one pass over the union of the masks; each mask then sums its own positions
-            union, picks = mask_union(masks)
-            h, t = shifted_rows(self._hidden(tok), tok, self._tensor(union))
-            nll = chunked_nll_rows(h, self._head, t, self._ce_rows)
+            return self._through_root(self._eval_sums, tok, masks)
+
+    def _eval_sums(self, tok: torch.Tensor, masks: dict[str, np.ndarray]) -> dict[str, float]:
+        names = list(masks)
+        if self._head is None:
+            sums = nll_sum(self.model(input_ids=tok).logits, tok, [self._tensor(masks[n]) for n in names])
+            return {n: float(s) for n, s in zip(names, sums)}
+        # one pass over the union of the masks; each mask then sums its own positions
+        union, picks = mask_union(masks)
+        h, t = shifted_rows(self._hidden(tok), tok, self._tensor(union))
+        nll = chunked_nll_rows(h, self._head, t, self._ce_rows)
         return {n: float(nll[self._tensor(picks[n])].sum()) for n in names}
 
     # -- files ----------------------------------------------------------------------
@@ -292,7 +321,16 @@ class TorchBackend(AdapterWeights):
     def load_adapter(self, path: Path) -> None:
         """Load an adapter folder in PEFT's format (as :meth:`save_adapter` writes it); LoRA and DoRA
         also in mlx-lm's (``adapters.safetensors``, as the MLX backend or ``mlx_lm.lora`` writes it)."""
-        self.adapter.load(path)
+        with self._dora_gathered():
+            self.adapter.load(path)
+
+    def set_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
+        with self._dora_gathered():
+            self.adapter.set_weights(weights)
+
+    def _dora_gathered(self):
+        """DoRA without magnitudes reads the base weights: with ``train.shard_base`` they are whole meanwhile."""
+        return gathered(self._root if self.recipe.adapter.method == "dora" else None)
 
     def save_optimizer(self, path: Path) -> None:
         """AdamW state as safetensors: tensors under ``<param index>.<name>``, step counts included,
@@ -351,8 +389,9 @@ class TorchBackend(AdapterWeights):
         was_training = self.model.training
         self.model.eval()
         try:
-            with nullcontext() if adapter else self.adapter.disabled():
-                return self.adapter.generate(ids, padding, decode)
+            # under autocast as in training and eval (the blocks' frozen weights may be bf16)
+            with nullcontext() if adapter else self.adapter.disabled(), self._autocast():
+                return self._through_root(self.adapter.generate, ids, padding, decode)
         finally:
             self.model.train(was_training)
 
@@ -376,4 +415,4 @@ class TorchBackend(AdapterWeights):
             "threads": str(torch.get_num_threads()), "autocast": self.recipe.train.autocast,
             "adamw": adamw_impl(self.recipe.train.adamw_impl, self.device),
             "quantization": self.quantization,
-        }
+        } | ({} if self._root is None else {"shard_base": "fsdp2, {} of {} base parameter bytes on this rank".format(*base_bytes(self.model))})

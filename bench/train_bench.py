@@ -17,6 +17,9 @@ reversed every other round; the fastest round counts); MLX processes get Debian'
 ``LD_PRELOAD``, torch processes never do. The first ``--warmup`` steps are left out of the
 speed numbers. At the end one scorer process computes the response-only eval loss of every
 variant's adapter with mlxtune's evaluator, so the four eval losses mean the same thing.
+Before the variants, ``bench/matmul_rate.py`` measures this machine's matmul rate on the model's
+shapes (torch fp32 and bf16, MLX fp32); every variant gets its model FLOPs per processed position
+(``mlxtune/planning/flops.py``), achieved GFLOP/s and MFU against that rate.
 Results: ``bench/results/<date>-<machine>.json`` and ``.md``. See ``bench/README.md``.
 """
 
@@ -43,7 +46,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from bench.summary import markdown, ratios, summarize  # noqa: E402
+from bench import matmul_rate  # noqa: E402
+from bench.summary import markdown, model_flops, ratios, summarize  # noqa: E402
 from mlxtune.errors import MlxtuneError  # noqa: E402
 
 # name -> (backend, who)
@@ -388,12 +392,15 @@ def bench(recipe_path: Path, names: list[str], steps: int, warmup: int, rounds: 
     the machine's load hits both sides of a pair alike; each variant keeps its fastest round."""
     job, data = prepare_job(recipe_path, steps, warmup, precision, work)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip() if shutil.which("uptime") else ""
+    rate = measure_matmul_rate(job, names, warmup, work)
+    per_position = flops_per_position(job)
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             print(f"[bench] round {r + 1}/{rounds}: {name} ({job.recipe.train.steps} steps) ...", flush=True)
             v = run_variant(name, job, work / f"round{r + 1}")
             v.update(summarize(v["steps"], warmup))
+            v.update(model_flops(v["steps"], warmup, job.recipe.train.micro_batch, per_position))
             runs[name].append(v)
             print(f"[bench] {name}: {v['trained_tok_s']:.1f} trained tok/s, load {v['load_before']:.1f}, {v['wall_s']:.0f} s", flush=True)
     variants = {}
@@ -413,8 +420,32 @@ def bench(recipe_path: Path, names: list[str], steps: int, warmup: int, rounds: 
         "job": {"train_examples": len(data.train), "eval_examples": len(data.eval), "rank": job.recipe.adapter.rank,
                 "alpha": job.recipe.adapter.alpha, "target_modules": job.recipe.adapter.target_modules, "layers": job.layers,
                 "micro_batch": t.micro_batch, "max_seq_len": job.recipe.data.max_seq_len, "lr": t.lr, "steps": t.steps},
-        "variants": variants, "ratios": ratios(variants),
+        "variants": variants, "ratios": ratios(variants), "matmul_rate": rate,
     }
+
+
+def flops_per_position(job: Job):
+    """(padded width, trained share) -> model FLOPs per processed position of one step of the job."""
+    from mlxtune.models.source import read_config
+    from mlxtune.planning.flops import training_flops
+    from mlxtune.planning.memory import planner_shape
+
+    shape = planner_shape(read_config(job.model_dir))
+    a = job.recipe.adapter
+    return lambda width, share: training_flops(shape, a.rank, set(a.target_modules), len(job.layers), width, share).total
+
+
+def measure_matmul_rate(job: Job, names: list[str], warmup: int, work: Path) -> dict[str, Any]:
+    """The machine's matmul GFLOP/s on the model's shapes (rows = micro batch x the mean padded
+    width of the timed batches), for the frameworks the variants use, each in a fresh process
+    before any variant runs."""
+    timed = job.plan[warmup:] or job.plan
+    rows = round(sum(b["padded"] for b in timed) / len(timed))
+    frameworks = tuple(fw for fw in ("torch", "mlx") if any(VARIANTS[n][0] == fw for n in names))
+    print(f"[bench] matmul rate on the model's shapes ({rows} rows): {', '.join(frameworks)} ...", flush=True)
+    rate = matmul_rate.measure(job.model_dir / "config.json", rows, work, child_env, frameworks)
+    print(f"[bench] matmul GFLOP/s: {({k: round(v, 1) for k, v in rate.items() if isinstance(v, float)})}", flush=True)
+    return rate
 
 
 def has_module(module: str) -> bool:

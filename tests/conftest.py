@@ -1,6 +1,11 @@
 """Shared pytest fixtures."""
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` (the tiny tokenizer's builder), under bare `pytest` too
 
 from mlxtune.system import blas
 
@@ -38,27 +43,15 @@ WORDS = (
     "def return x y add plus minus code problem solution yes no what color sky grass big small"
 ).split()
 PUNCT = list(":.,!?()-'\"`#=+*/1234567890")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
+from bench.gpu_models import CHAT_TEMPLATE  # noqa: E402,F401  (re-exported: the tiny tokenizer's template)
 
 
 def build_tiny_tokenizer(path):
-    """A word-level tokenizer with a chat template and BOS added by default: ids are readable."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """A word-level tokenizer with a chat template and BOS added by default: ids are readable
+    (bench/gpu_models.py builds it; the GPU check uses the same one)."""
+    from bench.gpu_models import build_tokenizer
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(set(WORDS + PUNCT + ["###", "Instruction", "Response", "Generate", "A1", "Translate", "English", "Turkish"])))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", additional_special_tokens=specials[4:])
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    return fast
+    return build_tokenizer(path, sorted(set(WORDS + PUNCT + ["###", "Instruction", "Response", "Generate", "A1", "Translate", "English", "Turkish"])))
 
 
 def build_tiny_llama(path, vocab_size, seed=0):

@@ -219,19 +219,29 @@ def chunk_seed(seed: int, indices: Sequence[int]) -> int:
 # ------------------------------------------------------------------ prompts -> texts
 
 
+def generation_batches(prompts: Sequence[np.ndarray], batch_size: int, share: tuple[int, int] = (0, 1)) -> list[list[int]]:
+    """The batches (prompt indices) :func:`generate_texts` runs: sorted by length, ``batch_size``
+    at a time; with ``share = (rank, size)`` only batches ``rank, rank + size, ...`` of them."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return chunks[share[0]::share[1]]
+
+
 def generate_texts(backend: Backend, tokenizer: Any, prompts: list[np.ndarray], settings: GenSettings, *,
-                   adapter: bool = True, progress: Progress | None = None) -> list[str]:
+                   adapter: bool = True, progress: Progress | None = None, share: tuple[int, int] = (0, 1)) -> list[str]:
     """Generate a text for every prompt, in the input order.
 
     Prompts are sorted by length and cut into batches of ``settings.batch_size`` so a batch
     holds similar lengths (little padding); each batch's seed comes from ``settings.seed`` and
     the original indices of its prompts. Texts are decoded without special tokens and cut at
     the first stop string. ``progress``, when given, hears of every finished batch (with the
-    prompts per second so far).
+    prompts per second so far). ``share = (rank, size)`` runs only that rank's batches
+    (:func:`generation_batches`; the other texts stay ""): each is the very batch one process
+    runs (same prompts, padding and seed), so the ranks' texts together are one process's, sampled
+    ones included.
     """
     n = len(prompts)
-    order = sorted(range(n), key=lambda i: (len(prompts[i]), i))
-    chunks = [order[i: i + settings.batch_size] for i in range(0, n, settings.batch_size)]
+    chunks = generation_batches(prompts, settings.batch_size, share)
     eos, pad = eos_token_ids(tokenizer), pad_id(tokenizer)
     should_stop = stop_checker(tokenizer, settings.stop)
     texts: list[str] = [""] * n
@@ -251,7 +261,7 @@ def generate_texts(backend: Backend, tokenizer: Any, prompts: list[np.ndarray], 
         return texts
 
     start = time.perf_counter()
-    progress.start(n)
+    progress.start(sum(map(len, chunks)))  # under a launcher: this rank's share
     try:
         done = 0
         for chunk in chunks:

@@ -5,11 +5,18 @@ on any checkpoint, so a BLEU or a pass@1 in ``metrics.jsonl`` and in the checkpo
 computed the same way; :func:`evaluate` is its loss part (the loop's eval when the recipe asks
 for no generation metric). Generation prompts come from
 :func:`mlxtune.data.records.encode_prompt`, the prefix the model was trained on.
+
+Under a launcher (a :class:`World`: ``mlxtune.training.dist.Dist``) the eval is sharded: eval
+batch i is scored by rank i % size, each generation batch j (as one process cuts them) is run by
+rank j % size; the per-batch loss sums and the texts are all-summed / gathered, so every rank
+ends with one process's numbers and texts, and rank 0 computes the generation metrics once.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mlxtune.data.batching import Batch
 from mlxtune.data.records import encode_prompt, record_to_messages
@@ -25,13 +32,39 @@ if TYPE_CHECKING:
 PPL_CAP = 50.0  # perplexities are exp(min(loss, PPL_CAP)): a diverged eval stays a finite number
 
 
-def evaluate(backend: Backend, batches: list[Batch], adapter: bool = True) -> dict[str, float]:
-    """Token-weighted loss over the whole eval split, response-only and full text."""
-    parts: dict[str, list[tuple[float, int]]] = {"response": [], "full": []}
-    for b in batches:
-        out = backend.eval_step(b.tokens, {"response": b.mask, "full": b.full_mask}, adapter=adapter)
-        parts["response"].append((out["response"], int(b.mask.sum())))
-        parts["full"].append((out["full"], int(b.full_mask.sum())))
+class World(Protocol):
+    """The processes of a launcher, as the eval needs them (``mlxtune.training.dist.Dist``)."""
+
+    rank: int
+    size: int
+
+    def sum(self, values: list[float]) -> list[float]: ...
+
+    def gather_texts(self, mine: Mapping[int, str], n: int) -> list[str]: ...
+
+
+def _share(world: World | None) -> tuple[int, int]:
+    return (world.rank, world.size) if world is not None and world.size > 1 else (0, 1)
+
+
+def evaluate(backend: Backend, batches: list[Batch], adapter: bool = True, world: World | None = None) -> dict[str, float]:
+    """Token-weighted loss over the whole eval split, response-only and full text. With a
+    ``world`` of several ranks, batch i is scored by rank i % size and each batch's (NLL sum,
+    tokens) is all-summed into its own slot (the other ranks add 0.0), so every rank combines
+    the same numbers in the same order as one process: the same loss, bit for bit."""
+    rank, size = _share(world)
+    sums = [0.0] * (4 * len(batches))
+    for i, b in enumerate(batches):
+        if i % size == rank:
+            out = backend.eval_step(b.tokens, {"response": b.mask, "full": b.full_mask}, adapter=adapter)
+            sums[4 * i: 4 * i + 4] = [float(out["response"]), float(b.mask.sum()), float(out["full"]), float(b.full_mask.sum())]
+    if size > 1:
+        assert world is not None
+        sums = world.sum(sums)
+    parts: dict[str, list[tuple[float, int]]] = {
+        "response": [(sums[4 * i], round(sums[4 * i + 1])) for i in range(len(batches))],
+        "full": [(sums[4 * i + 2], round(sums[4 * i + 3])) for i in range(len(batches))],
+    }
     tokens = {k: sum(n for _, n in v) for k, v in parts.items()}
     loss, loss_full = (token_weighted_loss(parts[k]) if tokens[k] else 0.0 for k in ("response", "full"))
     return {
@@ -51,20 +84,29 @@ def generation_records(records: list[dict[str, Any]], recipe: Recipe) -> list[di
 
 
 def generate_outputs(backend: Backend, tokenizer: Any, records: list[dict[str, Any]], recipe: Recipe,
-                     adapter: bool, progress: Progress | None = None) -> list[list[str]]:
+                     adapter: bool, progress: Progress | None = None, world: World | None = None) -> list[list[str]]:
     """``eval.samples`` completions per record (sample s uses seed ``eval.seed + s``), each
-    generation reported to ``progress`` when given."""
-    from mlxtune.evaluation.generation import GenSettings, generate_texts
+    generation reported to ``progress`` when given (under a launcher: this rank's share). With a
+    ``world`` of several ranks each runs its share of one process's generation batches and the
+    texts are gathered, so every rank gets one process's outputs (greedy and sampled alike: a
+    batch's seed and padding are those of the same batch in one process)."""
+    from mlxtune.evaluation.generation import GenSettings, generate_texts, generation_batches
 
     cfg = recipe.eval
+    share = _share(world)
     prompts = [encode_prompt(r, recipe.data, tokenizer) for r in records]
-    outputs: list[list[str]] = [[] for _ in records]
+    texts: list[list[str]] = []  # per sample, per record
     for s in range(cfg.samples):
         settings = GenSettings(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                seed=cfg.seed + s, batch_size=cfg.gen_batch_size, stop=tuple(cfg.stop))
-        for out, text in zip(outputs, generate_texts(backend, tokenizer, prompts, settings, adapter=adapter, progress=progress)):
-            out.append(text)
-    return outputs
+        texts.append(generate_texts(backend, tokenizer, prompts, settings, adapter=adapter, progress=progress, share=share))
+    n = len(records)
+    if share[1] > 1:
+        assert world is not None
+        mine = [i for chunk in generation_batches(prompts, cfg.gen_batch_size, share) for i in chunk]
+        flat = world.gather_texts({s * n + i: texts[s][i] for s in range(cfg.samples) for i in mine}, n * cfg.samples)
+        texts = [flat[s * n:(s + 1) * n] for s in range(cfg.samples)]
+    return [[t[i] for t in texts] for i in range(n)]
 
 
 def side_by_side(backend: Backend, tokenizer: Any, records: list[dict[str, Any]], recipe: Recipe) -> list[dict[str, Any]]:
@@ -143,16 +185,46 @@ def score_outputs(records: list[dict[str, Any]], outputs: list[list[str]], recip
     return result, rows
 
 
+def score_once(world: World, records: list[dict[str, Any]], outputs: list[list[str]], recipe: Recipe,
+               progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`score_outputs` of the gathered outputs on rank 0 alone (the code sandbox runs once),
+    its metrics sent to every rank as JSON (exact floats) so all ranks hold the same eval; the
+    rows (for generations/) stay on rank 0. An error on rank 0 is raised on every rank."""
+    rows: list[dict[str, Any]] = []
+    mine: dict[int, str] = {}
+    failure: Exception | None = None
+    if world.rank == 0:
+        try:
+            gen, rows = score_outputs(records, outputs, recipe, progress)
+            mine[0] = json.dumps({"metrics": gen})
+        except Exception as e:  # the other ranks wait in the gather below: tell them, then raise
+            failure = e
+            mine[0] = json.dumps({"error": str(e)})
+    got = json.loads(world.gather_texts(mine, 1)[0])
+    if failure is not None:
+        raise failure
+    if "error" in got:
+        raise MlxtuneError(got["error"])
+    return got["metrics"], rows
+
+
 def score(backend: Backend, tokenizer: Any, eval_set: list[Batch], records: list[dict[str, Any]], recipe: Recipe,
-          adapter: bool = True, progress: Progress | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+          adapter: bool = True, progress: Progress | None = None,
+          world: World | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Losses on the whole eval split (both masks) and the recipe's generation metrics, with one
     row per generated record (``RunDir.write_generations`` keeps them). With ``progress``, the
-    generation reports to it and the code sandbox prints its progress."""
-    ev: dict[str, Any] = evaluate(backend, eval_set, adapter=adapter) if eval_set else {}
+    generation reports to it and the code sandbox prints its progress. With a ``world`` of
+    several ranks the work is sharded (see the module's note); every rank returns the same
+    metrics, rank 0 alone the rows."""
+    ev: dict[str, Any] = evaluate(backend, eval_set, adapter=adapter, world=world) if eval_set else {}
     rows: list[dict[str, Any]] = []
     if recipe.eval.metrics and records:
         recs = generation_records(records, recipe)
-        outputs = generate_outputs(backend, tokenizer, recs, recipe, adapter, progress)
-        gen, rows = score_outputs(recs, outputs, recipe, progress is not None)
+        outputs = generate_outputs(backend, tokenizer, recs, recipe, adapter, progress, world)
+        if _share(world)[1] > 1:
+            assert world is not None
+            gen, rows = score_once(world, recs, outputs, recipe, progress is not None)
+        else:
+            gen, rows = score_outputs(recs, outputs, recipe, progress is not None)
         ev.update(gen)
     return ev, rows

@@ -66,6 +66,8 @@ class StepSetup:
     virtual_tokens: int = 0
     prefix_projection: bool = False
     prefix_hidden: int = 0
+    shard_over: int = 1  # train.shard_base under N processes: each holds 1/N of the blocks' weights
+    bf16_projections: bool = False  # torch, train.autocast bfloat16 over float32: the blocks' frozen linears stored in bf16
 
     @classmethod
     def from_recipe(cls, recipe, backend: str, device: str, grad_checkpointing: bool | None = None) -> StepSetup:
@@ -74,9 +76,11 @@ class StepSetup:
         bits = base_bits(recipe)
         ckpt = recipe.train.grad_checkpointing is True if grad_checkpointing is None else grad_checkpointing
         kw = {"targets": tuple(recipe.adapter.target_modules), "layers": recipe.adapter.layers} | _virtual_setup(recipe.adapter)
+        bf16 = (backend == "torch" and recipe.train.autocast == "bfloat16" and recipe.model.dtype == "float32"
+                and not bits and not recipe.train.shard_base)  # as backends/torch_peft.py stores them
         return cls(backend=backend, device=device, dtype=recipe.model.dtype, quantize_bits=bits,
                    quantize_group_size=recipe.model.quantize_group_size, rank=recipe.adapter.rank,
-                   grad_checkpointing=ckpt, **kw)
+                   grad_checkpointing=ckpt, bf16_projections=bf16, **kw)
 
 
 def _virtual_setup(a) -> dict:
@@ -133,6 +137,15 @@ class Estimate:
 
 def _weight_bytes(shape: ModelShape, s: StepSetup) -> int:
     p, db = shape.parameters(), DTYPE_BYTES[s.dtype]
+    if s.shard_over > 1 and not s.quantize_bits:
+        # FSDP2 (backends/torch_fsdp.py): 1/N of every block, two blocks gathered whole at a time
+        # (the one running and the next one prefetched), and the rest of the model (embedding,
+        # head) gathered for the whole step, since the step runs inside its root's forward
+        blocks = p["projections"] + p["other"]
+        gathered = min(2 * blocks // max(shape.layers, 1), blocks)
+        return db * (p["embedding"] + p["head"] + math.ceil(blocks / s.shard_over) + gathered)
+    if s.bf16_projections:
+        return 2 * p["projections"] + db * (p["embedding"] + p["head"] + p["other"])
     if not s.quantize_bits:
         return db * sum(p.values())
     if s.backend == "mlx":  # affine: b bits + a scale and a bias (model dtype) per group; embedding and head too

@@ -2,6 +2,10 @@
 
 Used by `mlxtune plan` (config.json only: no framework, no weights) and by `mlxtune run` when
 ``train.micro_batch = "auto"``. The memory model itself is :mod:`mlxtune.planning.memory`.
+
+Under data parallelism every process holds the whole base and its own micro batch, so a plan is
+the memory of ONE device; the world size (given by the caller: planning does not read the
+launchers, which are training's) only sets the global batch, micro_batch x grad_accum x world size.
 """
 
 from __future__ import annotations
@@ -150,10 +154,28 @@ class Plan:
     max_batch_tokens: int  # rows x padded length per forward pass that fits at seq_len
     longest_seq: int  # longest sequence that fits with one row per pass
     estimate: Estimate  # at (micro_batch, typical_len), or at one row when nothing fits
+    world_size: int = 1  # processes training together; effective_batch is one device's share
+    launcher: str | None = None  # who started them (torchrun, mlx.launch), or None: --world-size
+    base_shards: int = 1  # train.shard_base: the base's blocks spread over this many devices
 
     @property
     def fits(self) -> bool:
         return self.micro_batch > 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.effective_batch * self.world_size
+
+    def describe(self) -> str:
+        """One line for `plan` and `run`: the per-device batch plan and, past one process, the world size."""
+        batch = (f"micro_batch {self.micro_batch} x grad_accum {self.grad_accum}, checkpointing "
+                 f"{'on' if self.grad_checkpointing else 'off'}, at most {self.max_batch_tokens} tokens a pass; "
+                 f"predicted peak {gib(self.estimate.total)} of {gib(self.budget)} ({self.budget_note})")
+        if self.world_size == 1:
+            return batch
+        shards = f" (base blocks sharded {self.base_shards} ways: train.shard_base)" if self.base_shards > 1 else ""
+        return (f"world size {self.world_size} ({self.launcher or '--world-size'}): per device{shards}: {batch}; global batch = "
+                f"{self.micro_batch} x {self.grad_accum} x {self.world_size} = {self.global_batch} examples per step")
 
     def train_overrides(self) -> dict[str, Any]:
         return {"micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "effective_batch": 0,
@@ -216,24 +238,51 @@ def _longest(ok, upper: int) -> int:
     return lo
 
 
+def per_device_batch(recipe: Recipe, world_size: int) -> int:
+    """Examples per optimizer step on one of ``world_size`` devices: with ``micro_batch = "auto"``
+    the recipe's effective (global) batch is kept, so each device takes effective / world size."""
+    t = recipe.train
+    if world_size < 1:
+        raise MlxtuneError(f"--world-size: {world_size} processes; give 1 or more")
+    if t.micro_batch != "auto":
+        return t.micro_batch * t.grad_accum  # rows per process as written; the global batch grows with the world
+    if t.effective_batch % world_size:
+        raise MlxtuneError(f"train.effective_batch: {t.effective_batch} examples per step cannot be split evenly across "
+                           f"{world_size} processes; make it a multiple of {world_size} or run another number of processes")
+    return t.effective_batch // world_size
+
+
 def plan_recipe(recipe: Recipe, backend: str, budget: str | None = None, config_file: str | None = None,
-                config: dict | None = None, typical_len: int | None = None) -> Plan:
-    """The plan for a recipe on ``backend`` ("mlx" or "torch")."""
+                config: dict | None = None, typical_len: int | None = None, world_size: int = 1,
+                launcher: str | None = None) -> Plan:
+    """The plan of one device for a recipe on ``backend`` ("mlx" or "torch") trained by ``world_size``
+    processes (``launcher``: who started them, for the message)."""
     where = "config.json"
+    effective = per_device_batch(recipe, world_size)
     if config is None:
         config, where = find_config(recipe.model.path, config_file)
     device = detect_device(backend, recipe.model.device)
     limit, note = budget_for(recipe, device, budget)
-    t = recipe.train
-    effective = t.effective_batch if t.micro_batch == "auto" else t.micro_batch * t.grad_accum
-    return make_plan(config, StepSetup.from_recipe(recipe, backend, device), limit, effective, recipe.data.max_seq_len,
-                     checkpointing=t.grad_checkpointing, typical_len=typical_len, budget_note=note, where=where)
+    setup = step_setup(recipe, backend, device, world_size)
+    plan = make_plan(config, setup, limit, effective, recipe.data.max_seq_len,
+                     checkpointing=recipe.train.grad_checkpointing, typical_len=typical_len, budget_note=note, where=where)
+    return dataclasses.replace(plan, world_size=world_size, launcher=launcher, base_shards=setup.shard_over)
 
 
-def resolve_auto(recipe: Recipe, backend: str, config: dict, lengths: list[int]) -> tuple[Recipe, Plan | None]:
+def step_setup(recipe: Recipe, backend: str, device: str, world_size: int = 1) -> StepSetup:
+    """The recipe's step on one device; ``train.shard_base`` on torch spreads the base over the world."""
+    setup = StepSetup.from_recipe(recipe, backend, device)
+    if recipe.train.shard_base and backend == "torch" and world_size > 1:
+        setup = dataclasses.replace(setup, shard_over=world_size)
+    return setup
+
+
+def resolve_auto(recipe: Recipe, backend: str, config: dict, lengths: list[int], world_size: int = 1,
+                 launcher: str | None = None) -> tuple[Recipe, Plan | None]:
     """The recipe with ``micro_batch = "auto"`` (and ``grad_checkpointing = "auto"``) resolved
     for the data at hand (the micro batch is chosen for the 90th-percentile example length, the
-    token budget for max_seq_len); other recipes come back with checkpointing "auto" as off."""
+    token budget for max_seq_len) on each of ``world_size`` devices, keeping the effective batch
+    global; other recipes come back with checkpointing "auto" as off."""
     t = recipe.train
     if t.micro_batch != "auto":
         if t.grad_checkpointing == "auto":
@@ -241,7 +290,7 @@ def resolve_auto(recipe: Recipe, backend: str, config: dict, lengths: list[int])
         return recipe, None
     ordered = sorted(lengths)
     typical = ordered[int(0.9 * (len(ordered) - 1))] if ordered else None
-    plan = plan_recipe(recipe, backend, config=config, typical_len=typical)
+    plan = plan_recipe(recipe, backend, config=config, typical_len=typical, world_size=world_size, launcher=launcher)
     if not plan.fits:
         raise MlxtuneError(no_fit_message(plan))
     return dataclasses.replace(recipe, train=dataclasses.replace(t, **plan.train_overrides())), plan
@@ -274,7 +323,7 @@ def as_written(recipe: Recipe, backend: str, plan: Plan, config: dict) -> AsWrit
     t = recipe.train
     if t.micro_batch == "auto":
         return None
-    setup = StepSetup.from_recipe(recipe, backend, plan.device)
+    setup = step_setup(recipe, backend, plan.device, plan.world_size)
     est = estimate(config, setup, t.micro_batch, recipe.data.max_seq_len, accumulate=t.grad_accum > 1)
     return AsWritten(micro_batch=t.micro_batch, seq_len=recipe.data.max_seq_len, grad_checkpointing=setup.grad_checkpointing,
                      estimate=est, fits=est.total <= plan.budget)

@@ -179,8 +179,9 @@ class TrainConfig:
     memory_budget: str = _documented("", "Memory a run may use, e.g. `\"16GB\"` (10^9 bytes) or `\"10GiB\"` (2^30); empty: 70% of unified memory on a Mac, 90% of the GPU's memory on CUDA, 80% of RAM on a CPU. Used by `micro_batch = \"auto\"` and `mlxtune plan`.")
     max_batch_tokens: int = _documented(0, "Most tokens (rows x padded length) in one forward pass: a micro batch over it runs as several passes with the same result (the loss is token-weighted), so a rare long example does not set the memory of every batch. 0: no limit, or the planner's with `micro_batch = \"auto\"`.")
     grad_checkpointing: bool | Literal["auto"] = _documented("auto", "Recompute each block's activations during backward instead of keeping them: much less activation memory for about a third more compute. `\"auto\"`: on only when `micro_batch = \"auto\"` and the planner needs it to fit.")
-    autocast: Literal["off", "bfloat16"] = _documented("off", "torch backend: run forward and backward under `torch.autocast` in bfloat16 (fast on CUDA and on CPUs with AVX512-BF16 or AMX: 1.3-1.4x on 2 such cores with SmolLM2-135M); the base weights keep `model.dtype`, the adapter and optimizer state stay float32. Losses then differ from the MLX backend by bf16 rounding, so step-by-step comparisons need `off`. The MLX backend ignores it.")
+    autocast: Literal["off", "bfloat16"] = _documented("off", "torch backend: run forward and backward under `torch.autocast` in bfloat16 (fast on CUDA and on CPUs with AVX512-BF16 or AMX: 1.3-1.4x on 2 such cores with SmolLM2-135M); with `model.dtype` float32 (and no quantization) the blocks' frozen linear weights are stored in bfloat16 (autocast would cast them on every use), while embeddings, norms, the head, the adapter and the optimizer state stay float32; generation runs under it too. Losses then differ from the MLX backend by bf16 rounding, so step-by-step comparisons need `off`. The MLX backend ignores it.")
     adamw_impl: Literal["auto", "fused", "foreach", "for_loop"] = _documented("auto", "torch backend: how AdamW updates the adapter tensors, all with the same maths: `fused` (one kernel), `foreach` (multi-tensor ops) or `for_loop` (one tensor at a time). `auto`: fused on CUDA, foreach elsewhere (on a CPU bit-identical to the loop, and much faster than it when other processes share the cores). The MLX backend ignores it.")
+    shard_base: bool = _documented(False, "torch backend under `torchrun`/`accelerate launch` with 2 or more processes: shard the frozen base across the processes with FSDP2 (`fully_shard` of each decoder block and of the rest of the model), so each holds about 1/N of the base weights, gathered block by block for each forward and backward (more communication per step). The adapter stays whole on every process and its gradients are summed as without it, so the results are the same. LoRA and DoRA on a base that is not quantized only; refused on the MLX backend, in one process, with a quantized base (`qlora`, `model.quantize_bits`) and with `prompt`/`prefix`. `generate`, `chat` and `eval` load the base whole and ignore it.")
     grad_clip: float = _documented(1.0, "Clip the global gradient norm to this value; 0 = off.")
     seed: int = _documented(3407, "Seed of adapter init, batch order and dropout.")
     bucket: bool = _documented(True, "Group examples of similar length into a batch (less padding); the order stays seeded.")
@@ -330,6 +331,25 @@ class Recipe:
         if not allows_checkpointing(self.adapter.method) and self.train.grad_checkpointing is True:
             raise ValueError('train.grad_checkpointing = true does not work with adapter.method = "prefix" '
                              "(the prefix lives in the attention cache); set it to false")
+
+    def check_shard_base(self, backend: str, processes: int) -> None:
+        """Refuse ``train.shard_base`` where FSDP2 cannot shard the base (MlxtuneError): the one place
+        its limits are checked, before the model is loaded (``backends/torch_fsdp.py`` shards)."""
+        from mlxtune.errors import MlxtuneError
+
+        if not self.train.shard_base:
+            return
+        why = None
+        if backend != "torch":
+            why = f"only the torch backend shards the base, and this run's backend is {backend}; run it with --backend torch under torchrun"
+        elif processes < 2:
+            why = "it needs 2 or more processes; start the run with `torchrun --nproc-per-node N -m mlxtune run R` (or accelerate launch)"
+        elif self.adapter.method == "qlora" or self.model.quantize_bits:
+            why = "FSDP2 cannot shard a bitsandbytes-quantized base; set model.quantize_bits = 0 and adapter.method = \"lora\" (or \"dora\")"
+        elif self.adapter.method in VIRTUAL_METHODS:
+            why = f'adapter.method = "{self.adapter.method}" is not supported with it; use "lora" or "dora"'
+        if why:
+            raise MlxtuneError(f"train.shard_base = true: {why}, or set train.shard_base = false")
 
     @property
     def run_name(self) -> str:

@@ -11,7 +11,8 @@ and rank r trains rows ``[r*m, (r+1)*m)`` of each; every rank reads the whole gl
 the step's denominator (its target-token count) is the global one on every rank without
 communication; gradients are summed across ranks before clipping and AdamW; the logged loss is
 the all-reduced NLL sum over that denominator. Rank 0 alone writes the run directory
-(:class:`FollowerRunDir` for the others).
+(:class:`FollowerRunDir` for the others). The eval is sharded as well (mlxtune/evaluation/scoring.py):
+per-batch loss sums are all-summed and :func:`gather_texts` brings the generated texts together.
 """
 
 from __future__ import annotations
@@ -63,8 +64,20 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
         return Launch(TORCHRUN, _int(env, "RANK") if "RANK" in env else 0, _int(env, "WORLD_SIZE"),
                       _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0)
     if "MLX_RANK" in env:
-        return Launch(MLX_LAUNCH, _int(env, "MLX_RANK"), _int(env, "MLX_WORLD_SIZE") if "MLX_WORLD_SIZE" in env else None)
+        return Launch(MLX_LAUNCH, _int(env, "MLX_RANK"), _int(env, "MLX_WORLD_SIZE") if "MLX_WORLD_SIZE" in env else _ring_size(env))
     return Launch()
+
+
+def _ring_size(env: Mapping[str, str]) -> int | None:
+    """mlx.launch's ring backend sets no MLX_WORLD_SIZE, but its MLX_HOSTFILE lists one entry per
+    rank (the planner needs the size before MLX starts); None when it does not say."""
+    import json
+
+    try:
+        hosts = json.loads(Path(env["MLX_HOSTFILE"]).read_text(encoding="utf-8"))
+    except (KeyError, OSError, ValueError):
+        return None
+    return len(hosts) if isinstance(hosts, list) and len(hosts) > 1 else None
 
 
 def check_launch(launch: Launch, backend: str) -> None:
@@ -98,6 +111,35 @@ class Dist:
 
     def barrier(self) -> None:
         self.sum([0.0])
+
+    def gather_texts(self, mine: Mapping[int, str], n: int) -> list[str]:
+        """:func:`gather_texts` of this world (the sharded eval's way to collect generations)."""
+        return gather_texts(self, mine, n)
+
+
+def gather_texts(dist: Dist, mine: Mapping[int, str], n: int) -> list[str]:
+    """Texts ``0..n-1``, each held by one rank (``mine``: this rank's, by index), on every rank,
+    with nothing but :meth:`Dist.sum`: the UTF-8 byte lengths are summed first (every index is
+    someone's, the others add 0), then each rank writes its bytes at their offsets in one
+    zero-filled buffer and the buffers are summed. Bytes <= 255 and lengths are exact in the
+    backends' float64 sums. An index no rank holds comes back as ""."""
+    if dist.size == 1 or dist.all_sum is None:
+        return [mine.get(i, "") for i in range(n)]
+    if any(not 0 <= i < n for i in mine):
+        raise ValueError(f"gather_texts: indices {sorted(i for i in mine if not 0 <= i < n)} are outside 0..{n - 1}")
+    data = {i: t.encode("utf-8") for i, t in mine.items()}
+    lengths = np.zeros(n, dtype=np.float64)
+    for i, b in data.items():
+        lengths[i] = len(b)
+    sizes = np.rint(np.asarray(dist.sum(lengths.tolist()), dtype=np.float64)).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    if offsets[-1] == 0:
+        return [""] * n
+    buf = np.zeros(int(offsets[-1]), dtype=np.float64)
+    for i, b in data.items():
+        buf[offsets[i]:offsets[i + 1]] = np.frombuffer(b, dtype=np.uint8)
+    summed = np.rint(np.asarray(dist.sum(buf.tolist()), dtype=np.float64)).astype(np.uint8).tobytes()
+    return [summed[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(n)]
 
 
 def shard(batch: Batch, dist: Dist, rows: int) -> Batch:

@@ -307,7 +307,8 @@ def train(backend: Backend, train_examples: list[Example], eval_set: list[Batch]
     rows = int(cfg.micro_batch) * dist.size  # a global micro batch
     if score_fn is None:
         def score_fn(adapter: bool, step: int) -> dict[str, Any]:
-            return evaluate(backend, eval_set, adapter=adapter)
+            # sharded across ranks (same loss), unless FSDP2's collective forwards need every rank in lockstep
+            return evaluate(backend, eval_set, adapter=adapter, world=None if cfg.shard_base else dist)
 
     total = total_steps(len(train_examples), rows, cfg.grad_accum, cfg.epochs, cfg.steps)
     epoch_micro = math.ceil(cfg.epochs * batches_per_epoch(len(train_examples), rows))

@@ -42,15 +42,14 @@ def prepare(recipe: Recipe) -> tuple[Path, Any, Dataset]:
 def plan_batches(recipe: Recipe, backend: str, model_dir: Path, data: Dataset, ui: TrainUI | None = None) -> Recipe:
     """The recipe with ``micro_batch = "auto"`` / ``grad_checkpointing = "auto"`` resolved by the
     memory planner (mlxtune/planning/planner.py) for this data; says what it chose to ``ui``."""
-    from mlxtune.units import gib
     from mlxtune.models.source import read_config
     from mlxtune.planning.planner import resolve_auto
 
-    recipe, plan = resolve_auto(recipe, backend, read_config(model_dir), [len(e) for e in data.train])
+    launch = detect_launch()  # each process plans its own device and the global batch is kept
+    recipe, plan = resolve_auto(recipe, backend, read_config(model_dir), [len(e) for e in data.train],
+                                world_size=launch.size or 1, launcher=launch.launcher)
     if plan is not None and ui is not None:
-        ui.message(f"memory plan: micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum}, checkpointing "
-                      f"{'on' if plan.grad_checkpointing else 'off'}, at most {plan.max_batch_tokens} tokens a pass; "
-                      f"predicted peak {gib(plan.estimate.total)} of {gib(plan.budget)} ({plan.budget_note})")
+        ui.message(f"memory plan: {plan.describe()}")
     return recipe
 
 
@@ -126,6 +125,7 @@ def _run_locked(recipe: Recipe, backend_name: str | None, overwrite: bool, resum
     if note:
         ui.message(backend_message(name, note))
     check_launch(launch, name)
+    recipe.check_shard_base(name, launch.size or 1)
     target = Path(recipe.output.dir) / recipe.run_name
     if launch.rank == 0:
         RunDir.check(target, overwrite=overwrite, resume=resume)
@@ -192,13 +192,22 @@ def check_steps(n_train: int, recipe: Recipe) -> None:
 
 def make_score_fn(backend: Any, tokenizer: Any, eval_set: list, data: Dataset, recipe: Recipe, run_dir: RunDir,
                   ui: TrainUI):
-    """The loop's eval: losses plus the recipe's generation metrics; outputs go to generations/."""
-    from mlxtune.evaluation.scoring import score
+    """The loop's eval: losses plus the recipe's generation metrics; outputs go to generations/.
+    Under a launcher the eval batches and generations are sharded across the ranks
+    (mlxtune/evaluation/scoring.py) and rank 0 writes what one process would."""
+    from mlxtune.evaluation.scoring import generation_records, score
+
+    world: Dist = getattr(backend, "dist", None) or Dist()
+    if recipe.train.shard_base:  # FSDP2's all-gathers need every rank to run the same forwards: no sharded eval
+        world = Dist()
+    if world.size > 1 and recipe.eval.metrics and data.eval_records:
+        ui.message(f"eval: {world.size} processes share the eval batches and the generation of "
+                   f"{len(generation_records(data.eval_records, recipe))} records; progress shows rank 0's share")
 
     def score_fn(adapter: bool, step: int) -> dict[str, Any]:
         # only the eval before training shows generation progress: the training bar is live after it
         ev, rows = score(backend, tokenizer, eval_set, data.eval_records, recipe, adapter=adapter,
-                         progress=ui.generation() if step == 0 else None)
+                         progress=ui.generation() if step == 0 else None, world=world)
         if rows:
             run_dir.write_generations("base.jsonl" if not adapter else f"step-{step:06d}.jsonl", rows)
         return ev
