@@ -1,6 +1,7 @@
 """Where the MLX backend's training step spends its time, phase by phase, next to raw MLX.
 
     python bench/mlx_phases.py [--recipe bench/bench.toml] [--batches 4] [--repeats 3]
+    python bench/mlx_phases.py --kernels   # the forward's op groups and exp/sigmoid throughput, raw MLX
 
 Loads the bench recipe's model (the embedded SmolLM2-135M) and adapter into the MLX backend,
 takes the first ``--batches`` real micro-batches of mlxtune's batcher, and times each phase with
@@ -192,6 +193,40 @@ def phase_flops(cfg: dict[str, Any], recipe, batches, n_layers: int) -> dict[str
             "mlx-lm fwd+bwd": full.total * pos, "mlx-lm step": full.total * pos, "_positions": pos}
 
 
+def forward_kernels(cfg: dict[str, Any], batch_shape: tuple[int, int], rank: int, repeats: int) -> list[tuple[str, float, str]]:
+    """The body forward's op groups for all blocks, each as raw MLX on random inputs of the step's
+    shape ((name, seconds, note)), and elementwise throughput: where MLX's CPU kernels, not
+    mlxtune, set the limit (an exp-bound op next to a matmul of the same data)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    b, t = batch_shape
+    d, f, n = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
+    heads, kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    hd = int(cfg.get("head_dim") or d // heads)
+    r = mx.random
+    x, u, q, k = r.normal((b * t, d)), r.normal((b, t, f)), r.normal((b, heads, t, hd)), r.normal((b, heads, t, hd))
+    w = {name: r.normal(shape) for name, shape in (("attn", (heads * hd + 2 * kv * hd + heads * hd, d)), ("mlp", (3 * f, d)))}
+    a, bb = r.normal((d, rank)), r.normal((rank, d))
+    mx.eval(x, u, q, k, a, bb, *w.values())
+    groups = {
+        "attention (sdpa)": lambda: [mx.fast.scaled_dot_product_attention(q, k, k, scale=hd ** -0.5, mask="causal") for _ in range(n)],
+        "base matmuls": lambda: [x @ w["attn"].T for _ in range(n)] + [x @ w["mlp"].T for _ in range(n)],
+        "silu(gate) * up": lambda: [nn.silu(u) * u for _ in range(n)],
+        "lora x@A@B (x7)": lambda: [(x @ a) @ bb for _ in range(7 * n)],
+        "rms_norm (x2)": lambda: [mx.fast.rms_norm(x, mx.ones(d), 1e-5) for _ in range(2 * n)],
+        "exp": lambda: [mx.exp(u) for _ in range(n)],
+        "sigmoid": lambda: [mx.sigmoid(u) for _ in range(n)],
+        "multiply": lambda: [u * u for _ in range(n)],
+    }
+    out = []
+    for name, fn in groups.items():
+        sec = timed(lambda _: mx.eval(fn()), [None], repeats)
+        note = f"{u.size * n / sec / 1e6:.0f} M elements/s" if name in ("exp", "sigmoid", "multiply") else f"{n} blocks"
+        out.append((name, sec, note))
+    return out
+
+
 def table(times: dict[str, float], flops: dict[str, float], rate: float) -> str:
     step = times["train_step"]
     lines = [f"{'phase':<16}{'ms':>9}{'of step':>9}{'GFLOP/s':>9}{'of rate':>9}"]
@@ -211,11 +246,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-mlx-lm", action="store_true", help="skip mlx-lm's model")
+    p.add_argument("--kernels", action="store_true", help="only the forward's op groups and elementwise throughput, raw MLX (no model load)")
     args = p.parse_args(argv)
 
     from bench.matmul_rate import mlx_rates, model_shapes
     from mlxtune.models.source import read_config
 
+    if args.kernels:
+        from mlxtune.models.source import resolve_model
+        from mlxtune.recipe.loading import load_recipe
+
+        recipe = load_recipe(args.recipe, [])
+        cfg = read_config(resolve_model(recipe.model.path))
+        print(f"blas: {blas_summary()}; the forward's op groups on random inputs, micro batch 4 x 224, raw MLX")
+        for name, sec, note in forward_kernels(cfg, (4, 224), recipe.adapter.rank, args.repeats):
+            print(f"{name:<20}{sec * 1e3:>9.1f} ms   {note}")
+        return 0
     recipe, model_dir, backend, batches = load(args.recipe, args.batches)
     cfg = read_config(model_dir)
     flops = phase_flops(cfg, recipe, batches, len(backend.adapter.layers))
