@@ -117,6 +117,12 @@ class Dist:
         return gather_texts(self, mine, n)
 
 
+def eval_world(dist: Dist, shard_base: bool) -> Dist:
+    """The world the eval is sharded over: ``dist``, or a single process's with ``train.shard_base``
+    (FSDP2's all-gathers need every rank to run the same forward passes: each rank evaluates all)."""
+    return Dist() if shard_base else dist
+
+
 def gather_texts(dist: Dist, mine: Mapping[int, str], n: int) -> list[str]:
     """Texts ``0..n-1``, each held by one rank (``mine``: this rank's, by index), on every rank,
     with nothing but :meth:`Dist.sum`: the UTF-8 byte lengths are summed first (every index is

@@ -20,7 +20,7 @@ from mlxtune.evaluation.metrics import is_better, metric_value
 from mlxtune.evaluation.scoring import evaluate
 from mlxtune.recipe.schema import EvalConfig, TrainConfig
 from mlxtune.runs.rundir import RunDir, read_state
-from mlxtune.training.dist import Dist, shard
+from mlxtune.training.dist import Dist, eval_world, shard
 from mlxtune.training.ui import SilentUI, TrainUI
 
 if TYPE_CHECKING:
@@ -307,8 +307,7 @@ def train(backend: Backend, train_examples: list[Example], eval_set: list[Batch]
     rows = int(cfg.micro_batch) * dist.size  # a global micro batch
     if score_fn is None:
         def score_fn(adapter: bool, step: int) -> dict[str, Any]:
-            # sharded across ranks (same loss), unless FSDP2's collective forwards need every rank in lockstep
-            return evaluate(backend, eval_set, adapter=adapter, world=None if cfg.shard_base else dist)
+            return evaluate(backend, eval_set, adapter=adapter, world=eval_world(dist, cfg.shard_base))
 
     total = total_steps(len(train_examples), rows, cfg.grad_accum, cfg.epochs, cfg.steps)
     epoch_micro = math.ceil(cfg.epochs * batches_per_epoch(len(train_examples), rows))

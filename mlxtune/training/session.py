@@ -24,7 +24,7 @@ from mlxtune.runs.rundir import RunDir, run_lock, split_events
 from mlxtune.runs.trackers import Trackers
 from mlxtune.training import loop
 from mlxtune.training.backend_choice import backend_message, resolve_backend
-from mlxtune.training.dist import Dist, FollowerRunDir, Launch, check_launch, detect_launch
+from mlxtune.training.dist import Dist, FollowerRunDir, Launch, check_launch, detect_launch, eval_world
 from mlxtune.training.ui import SilentUI, TrainUI
 
 
@@ -197,9 +197,7 @@ def make_score_fn(backend: Any, tokenizer: Any, eval_set: list, data: Dataset, r
     (mlxtune/evaluation/scoring.py) and rank 0 writes what one process would."""
     from mlxtune.evaluation.scoring import generation_records, score
 
-    world: Dist = getattr(backend, "dist", None) or Dist()
-    if recipe.train.shard_base:  # FSDP2's all-gathers need every rank to run the same forwards: no sharded eval
-        world = Dist()
+    world = eval_world(getattr(backend, "dist", None) or Dist(), recipe.train.shard_base)
     if world.size > 1 and recipe.eval.metrics and data.eval_records:
         ui.message(f"eval: {world.size} processes share the eval batches and the generation of "
                    f"{len(generation_records(data.eval_records, recipe))} records; progress shows rank 0's share")
