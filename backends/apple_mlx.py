@@ -103,15 +103,19 @@ def _compile_default() -> bool:
     91-93 not, because the matmuls dominate, while every new sequence length costs a new trace
     (~0.3 s) and length bucketing produces many lengths.
     """
-    env = os.environ.get("MLXTUNE_MLX_COMPILE", "").strip().lower()
-    if env:
-        return env not in ("0", "false", "no", "off")
-    return mx.default_device().type == mx.gpu
+    forced = _compile_forced()
+    return mx.default_device().type == mx.gpu if forced is None else forced
 
 
 def _compile_update_default() -> bool:
     """The update is compiled unless ``MLXTUNE_MLX_COMPILE=0`` turns compiling off."""
-    return os.environ.get("MLXTUNE_MLX_COMPILE", "").strip().lower() not in ("0", "false", "no", "off")
+    return _compile_forced() is not False
+
+
+def _compile_forced() -> bool | None:
+    """``MLXTUNE_MLX_COMPILE``: True/False when set, None when not."""
+    env = os.environ.get("MLXTUNE_MLX_COMPILE", "").strip().lower()
+    return env not in ("0", "false", "no", "off") if env else None
 
 
 def dropout_seed(seed: int, step: int, window_pass: int) -> int:
