@@ -4,7 +4,10 @@
     python bench/matmul_rate.py CONFIG.json ROWS mlx OUT.json     # MLX fp32 (start it with OpenBLAS preloaded)
 
 A datasheet peak means little on a CPU (it depends on the BLAS, the threads, the cache), so MFU
-is taken against what a plain matmul of the same shapes reaches here: ``[rows, in] x [in, out]``
+is taken against what a plain matmul of the same shapes reaches here: ``[rows, in]`` times a
+weight stored as the model stores it, ``[out, in]`` (``F.linear``; ``x @ w.T`` in MLX, as
+``nn.Linear`` computes it: on a CPU without BF16 instructions torch's bf16 ``a @ b`` with
+``b`` as ``[in, out]`` measured ~10x slower than the same product in the model's layout),
 for each projection of a block and for the head, warm-up first, the median of the repeats per
 shape (up to 5, fewer past 2 s), and one rate for the whole model: total FLOPs / total time, each shape weighted by how
 often a forward pass runs it (every projection once per block, the head once). A matmul of
@@ -57,6 +60,7 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
 
 def torch_rates(shapes: list, repeats: int = REPEATS) -> dict[str, float]:
     import torch
+    import torch.nn.functional as F
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -64,9 +68,9 @@ def torch_rates(shapes: list, repeats: int = REPEATS) -> dict[str, float]:
     for key, dtype in (("torch_fp32", torch.float32), ("torch_bf16", torch.bfloat16)):
         times = {}
         for name, m, k, n, _ in shapes:
-            a, b = (torch.randn(m, k, dtype=dtype, device="cuda" if cuda else "cpu"),
-                    torch.randn(k, n, dtype=dtype, device="cuda" if cuda else "cpu"))
-            times[name] = _time(lambda a=a, b=b: (a @ b, sync()), repeats)
+            a, w = (torch.randn(m, k, dtype=dtype, device="cuda" if cuda else "cpu"),
+                    torch.randn(n, k, dtype=dtype, device="cuda" if cuda else "cpu"))
+            times[name] = _time(lambda a=a, w=w: (F.linear(a, w), sync()), repeats)
         out[key] = aggregate(times, shapes)
     return out
 
@@ -76,9 +80,9 @@ def mlx_rates(shapes: list, repeats: int = REPEATS) -> dict[str, float]:
 
     times = {}
     for name, m, k, n, _ in shapes:
-        a, b = mx.random.normal((m, k)), mx.random.normal((k, n))
-        mx.eval(a, b)
-        times[name] = _time(lambda a=a, b=b: mx.eval(a @ b), repeats)
+        a, w = mx.random.normal((m, k)), mx.random.normal((n, k))
+        mx.eval(a, w)
+        times[name] = _time(lambda a=a, w=w: mx.eval(a @ w.T), repeats)
     return {"mlx_fp32": aggregate(times, shapes)}
 
 

@@ -154,10 +154,16 @@ def test_entry_point_preloads_openblas(tmp_path):
     script = tmp_path / "entry.py"
     script.write_text(
         "import sys\nsys.path.insert(0, %r)\nfrom mlxtune.system.blas import maybe_reexec_with_openblas, blas_in_use\n"
-        "maybe_reexec_with_openblas(sys.argv)\nprint(blas_in_use()['name'], sys.argv[1:])\n" % str(Path(__file__).parent.parent))
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXTUNE_NO_OPENBLAS", "MLXTUNE_OPENBLAS_REEXEC")}
+        "import os\nmaybe_reexec_with_openblas(sys.argv)\n"
+        "print(blas_in_use()['name'], sys.argv[1:], os.environ.get('OMP_WAIT_POLICY'))\n" % str(Path(__file__).parent.parent))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "MLXTUNE_NO_OPENBLAS", "MLXTUNE_OPENBLAS_REEXEC", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, str(script), "x", "--y"], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "OpenBLAS ['x', '--y']"
+    # torch's OpenMP threads wait passively beside OpenBLAS's threads, unless the user chose otherwise
+    assert out.stdout.strip() == "OpenBLAS ['x', '--y'] PASSIVE"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
+                         env=env | {"OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.strip() == "OpenBLAS [] ACTIVE"
     env["MLXTUNE_NO_OPENBLAS"] = "1"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.startswith("reference BLAS")

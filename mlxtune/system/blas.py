@@ -72,8 +72,8 @@ def should_reexec(environ: dict[str, str] | None = None, in_pytest: bool = False
 def command_uses_mlx(args: list[str]) -> bool:
     """Whether an ``mlxtune`` command line will run MLX (its CPU matmuls want OpenBLAS).
 
-    Preloading OpenBLAS is not free for torch: torch then binds its own BLAS calls to it and
-    trains about 2.5x slower on CPU, so only commands that use MLX get it: ``doctor``, and
+    Preloading OpenBLAS is not free for torch: torch then binds its own BLAS calls to it (on an
+    Intel CPU slower than its own MKL), so only commands that use MLX get it: ``doctor``, and
     commands whose ``--backend``, ``--set backend=`` or recipe file says ``mlx`` (``auto``
     means MLX only on Apple Silicon, where this function is never needed).
     """
@@ -103,7 +103,8 @@ def command_uses_mlx(args: list[str]) -> bool:
 
 def maybe_reexec_with_openblas(argv: list[str] | None = None, in_pytest: bool = False) -> None:
     """On Linux with MLX and Debian's OpenBLAS installed, re-execute this very command with the
-    OpenBLAS library in ``LD_PRELOAD`` (once; ``MLXTUNE_NO_OPENBLAS=1`` disables it).
+    OpenBLAS library in ``LD_PRELOAD`` and ``OMP_WAIT_POLICY=PASSIVE`` unless already set (once;
+    ``MLXTUNE_NO_OPENBLAS=1`` disables it).
 
     ``argv`` is the command to re-run without the interpreter, as in ``sys.argv``. By default
     (or when ``sys.argv`` is passed) the interpreter's original command line
@@ -122,6 +123,9 @@ def maybe_reexec_with_openblas(argv: list[str] | None = None, in_pytest: bool = 
     env = dict(os.environ)
     env["LD_PRELOAD"] = (lib + " " + env["LD_PRELOAD"]).strip() if env.get("LD_PRELOAD") else lib
     env[_REEXEC_MARK] = "1"
+    # OpenBLAS brings its own threads: torch's OpenMP threads must not spin-wait for the cores
+    # between ops (torch in the same process trained ~2x slower with them spinning)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         sys.stdout.flush()
         sys.stderr.flush()
