@@ -122,7 +122,7 @@ def export_data(data, recipe, work: Path) -> dict[str, Path]:
 
 
 def child_env(mlx: bool) -> dict[str, str]:
-    """OpenBLAS preloaded for MLX processes only (torch on CPU is ~2.5x slower with it)."""
+    """OpenBLAS preloaded for MLX processes only (torch keeps its own BLAS, as the mlxtune command does)."""
     from mlxtune.system.blas import openblas_path
 
     env = dict(os.environ)
