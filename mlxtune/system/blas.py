@@ -72,8 +72,8 @@ def should_reexec(environ: dict[str, str] | None = None, in_pytest: bool = False
 def command_uses_mlx(args: list[str]) -> bool:
     """Whether an ``mlxtune`` command line will run MLX (its CPU matmuls want OpenBLAS).
 
-    Preloading OpenBLAS is not free for torch: torch then binds its own BLAS calls to it (on an
-    Intel CPU slower than its own MKL), so only commands that use MLX get it: ``doctor``, and
+    Preloading OpenBLAS changes torch too: its BLAS calls then go to OpenBLAS instead of the
+    BLAS it ships with, so only commands that use MLX get it: ``doctor``, and
     commands whose ``--backend``, ``--set backend=`` or recipe file says ``mlx`` (``auto``
     means MLX only on Apple Silicon, where this function is never needed).
     """
